@@ -1,0 +1,1 @@
+"""Subcommands of the ``proxytune`` console script (one module each)."""

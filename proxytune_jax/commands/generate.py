@@ -1,0 +1,10 @@
+"""`proxytune generate` (not built yet: see the open issue for it)."""
+
+
+def add_arguments(parser):
+    pass
+
+
+def run(args) -> int:
+    print("proxytune generate: not built yet.")
+    return 0

@@ -1,0 +1,54 @@
+"""The KV cache: an explicit pytree passed into and out of every decode step (gemma's sampler style).
+
+Conventions shared by every architecture:
+
+* Batches are **left-padded**. All rows share one write cursor ``length`` (slots written so far), so a
+  step writes ``T`` new slots ``[length, length + T)`` in every row at once.
+* ``mask[b, s]`` says whether slot ``s`` of row ``b`` holds a real token (pads are written but masked).
+* The position of a token is the number of real tokens before it in its row; models derive it from
+  ``mask`` (cache) and ``attention_mask`` (new tokens), so callers never pass positions.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class KVCache:
+    k: tuple[jax.Array, ...]  # per layer [B, S, Hkv, D]
+    v: tuple[jax.Array, ...]  # per layer [B, S, Hkv, D]
+    mask: jax.Array  # [B, S] bool: slot holds a real token
+    length: jax.Array  # [] int32: slots written so far (shared by all rows)
+
+    @property
+    def max_length(self) -> int:
+        return self.mask.shape[1]
+
+    @property
+    def batch_size(self) -> int:
+        return self.mask.shape[0]
+
+    @classmethod
+    def zeros(cls, *, num_layers: int, batch_size: int, max_length: int, num_kv_heads: int,
+              head_dim: int, dtype=jnp.float32) -> "KVCache":
+        shape = (batch_size, max_length, num_kv_heads, head_dim)
+        return cls(
+            k=tuple(jnp.zeros(shape, dtype) for _ in range(num_layers)),
+            v=tuple(jnp.zeros(shape, dtype) for _ in range(num_layers)),
+            mask=jnp.zeros((batch_size, max_length), bool),
+            length=jnp.zeros((), jnp.int32),
+        )
+
+    def positions_of(self, attention_mask: jax.Array) -> jax.Array:
+        """Positions [B, T] of ``T`` new tokens appended to this cache (pads get the last real position)."""
+        before = jnp.sum(self.mask, axis=-1, dtype=jnp.int32)[:, None]  # [B, 1]
+        return before + jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
+    """Positions [B, T] of a left-padded batch with no cache: real token i of a row gets position i."""
+    return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
