@@ -1,0 +1,191 @@
+"""Hugging Face folders <-> Flax models: ``load_pretrained`` and ``save_pretrained``.
+
+A folder holds ``config.json`` and either ``model.safetensors`` or shards listed in
+``model.safetensors.index.json``. Each family declares ``HF_NAMES``: ``(our path regex, HF name template,
+transpose?)``, e.g. ``model/layers/3/self_attn/q_proj/kernel`` <-> ``model.layers.3.self_attn.q_proj.weight``
+(transposed: PyTorch ``Linear.weight`` is ``[out, in]``, our ``kernel`` is ``[in, out]``).
+Saved folders load in transformers' PyTorch ``AutoModelForCausalLM``; tokenizers are not touched here
+(use ``transformers.AutoTokenizer`` and its ``save_pretrained``).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import warnings
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+from safetensors import safe_open
+from safetensors.numpy import save_file
+from tqdm.auto import tqdm
+
+from proxytune_jax.errors import UserError
+from proxytune_jax.models import abstract_model, config_from_hf, family_of, partition_rules
+from proxytune_jax.sharding import spec_for
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+
+
+def hf_name(our_path: str, table) -> tuple[str, bool]:
+    """Our '/'-joined param path -> (HF tensor name, transpose?) by the family's ``HF_NAMES`` table."""
+    for pattern, template, transpose in table:
+        m = re.fullmatch(pattern, our_path)
+        if m:
+            return m.expand(template), transpose
+    raise KeyError(f"no Hugging Face name for parameter {our_path!r}")
+
+
+def _flat_params(state) -> list[tuple[str, nnx.Variable]]:
+    return [("/".join(str(p) for p in path), var) for path, var in nnx.to_flat_state(state)]
+
+
+def _weight_files(path: Path) -> dict[str, Path]:
+    """HF tensor name -> safetensors file holding it."""
+    index = path / INDEX_FILE
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        missing = sorted({f for f in weight_map.values() if not (path / f).is_file()})
+        if missing:
+            raise UserError(f"{index} lists shard files that are missing: {missing}; copy the complete folder")
+        return {name: path / f for name, f in weight_map.items()}
+    files = [path / SINGLE_FILE] if (path / SINGLE_FILE).is_file() else sorted(path.glob("*.safetensors"))
+    if not files:
+        hint = (" It holds PyTorch .bin weights: convert them with transformers "
+                "(AutoModelForCausalLM.from_pretrained(p).save_pretrained(p, safe_serialization=True))."
+                if list(path.glob("*.bin")) else "")
+        raise UserError(f"{path} has no {SINGLE_FILE} (nor {INDEX_FILE}).{hint}")
+    names = {}
+    for f in files:
+        with safe_open(f, framework="numpy") as st:
+            names.update({k: f for k in st.keys()})
+    return names
+
+
+def load_pretrained(path: str | os.PathLike, dtype=jnp.float32, *, mesh: Mesh | None = None):
+    """A Flax model from a local Hugging Face folder (config.json + safetensors, single or sharded).
+
+    Params are cast to ``dtype`` (float32 or bfloat16; logits are float32 either way). With ``mesh``, each
+    tensor is placed directly with its family's partition rules (no full copy on one device).
+    Raises UserError for a folder without config.json, an unsupported model_type, and missing or
+    mis-shaped tensors (all named).
+    """
+    path = Path(path)
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise UserError(f"{path} has no config.json; pass a Hugging Face model folder "
+                        "(config.json + *.safetensors), e.g. one written by save_pretrained")
+    config = config_from_hf(json.loads(config_file.read_text()))
+    family = family_of(config.model_type)[0]
+    graphdef, abstract_state = nnx.split(abstract_model(config, dtype))
+    params = _flat_params(abstract_state)
+    files = _weight_files(path)
+    rules = partition_rules(config)
+    prefix = getattr(family, "HF_OPTIONAL_PREFIX", None)
+
+    missing, misshaped, used, loaded = [], [], set(), []
+    handles: dict[Path, object] = {}
+    for our_path, var in tqdm(params, desc=f"loading {path.name}", unit="tensor", leave=False):
+        name, transpose = hf_name(our_path, family.HF_NAMES)
+        if name not in files and prefix and name.startswith(prefix) and name[len(prefix):] in files:
+            name = name[len(prefix):]
+        if name not in files:
+            missing.append(name)
+            continue
+        used.add(name)
+        f = files[name]
+        if f not in handles:
+            handles[f] = safe_open(f, framework="numpy")
+        shape = tuple(handles[f].get_slice(name).get_shape())
+        if transpose:
+            shape = shape[::-1]
+        if shape != tuple(var.shape):
+            misshaped.append(f"{name}: file has {shape if not transpose else shape[::-1]}, "
+                             f"model expects {tuple(var.shape)[::-1] if transpose else tuple(var.shape)}")
+            continue
+        array = handles[f].get_tensor(name)
+        array = (array.T if transpose else array).astype(var.dtype)
+        if mesh is not None:
+            sharding = NamedSharding(mesh, spec_for(our_path, array.shape, rules, mesh))
+            array = jax.device_put(array, sharding)
+        else:
+            array = jnp.asarray(array)
+        loaded.append((our_path, var.replace(array)))
+    handles.clear()
+    if missing or misshaped:
+        problems = []
+        if missing:
+            problems.append(f"missing tensors ({len(missing)}): {', '.join(missing[:20])}"
+                            + (" ..." if len(missing) > 20 else ""))
+        if misshaped:
+            problems.append(f"mis-shaped tensors ({len(misshaped)}): {'; '.join(misshaped[:20])}")
+        raise UserError(f"{path} does not match its config.json ({config.model_type}): "
+                        + " | ".join(problems) + ". Re-export the checkpoint or fix config.json")
+
+    ignored = tuple(getattr(family, "HF_IGNORED", ()))
+    unexpected = [n for n in files if n not in used and not any(re.search(p, n) for p in ignored)
+                  and not (config.tie_word_embeddings and n == "lm_head.weight")]
+    if unexpected:
+        warnings.warn(f"{path}: {len(unexpected)} tensors were not used: {unexpected[:10]}", stacklevel=2)
+
+    state = nnx.from_flat_state([(tuple(_path_key(p) for p in our_path.split("/")), v) for our_path, v in loaded])
+    return nnx.merge(graphdef, state)
+
+
+def _path_key(part: str):
+    return int(part) if part.isdigit() else part
+
+
+def _parse_size(size: int | str) -> int:
+    if isinstance(size, int):
+        return size
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]?)B?\s*", size.upper())
+    if not m:
+        raise UserError(f"max_shard_size {size!r} is not a size; use bytes (int) or e.g. '500MB', '5GB'")
+    return int(float(m.group(1)) * {"": 1, "K": 2**10, "M": 2**20, "G": 2**30}[m.group(2)])
+
+
+def save_pretrained(model, path: str | os.PathLike, *, max_shard_size: int | str | None = "5GB") -> Path:
+    """Write ``model`` as a Hugging Face folder (config.json + safetensors, sharded with an index when the
+    params exceed ``max_shard_size``) that transformers' PyTorch ``AutoModelForCausalLM`` loads."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    config = model.config
+    family = family_of(config.model_type)[0]
+    tensors: dict[str, np.ndarray] = {}
+    for our_path, var in _flat_params(nnx.state(model, nnx.Param)):
+        name, transpose = hf_name(our_path, family.HF_NAMES)
+        array = np.asarray(jax.device_get(var[...]))
+        tensors[name] = np.ascontiguousarray(array.T if transpose else array)
+
+    hf_config = config.to_hf_dict()
+    hf_config["dtype"] = str(model.dtype)  # "float32" | "bfloat16"
+    (path / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+
+    limit = _parse_size(max_shard_size) if max_shard_size is not None else None
+    shards: list[dict[str, np.ndarray]] = [{}]
+    size = 0
+    for name, array in tensors.items():
+        if limit is not None and shards[-1] and size + array.nbytes > limit:
+            shards.append({})
+            size = 0
+        shards[-1][name] = array
+        size += array.nbytes
+    for stale in [path / INDEX_FILE, *path.glob("model*.safetensors")]:  # a previous save's weights
+        stale.unlink(missing_ok=True)
+    if len(shards) == 1:
+        save_file(shards[0], str(path / SINGLE_FILE), metadata={"format": "pt"})
+        return path
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(path / fname), metadata={"format": "pt"})
+        weight_map.update({name: fname for name in shard})
+    index = {"metadata": {"total_size": sum(a.nbytes for a in tensors.values())}, "weight_map": weight_map}
+    (path / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+    return path

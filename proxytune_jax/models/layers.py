@@ -1,0 +1,208 @@
+"""Building blocks shared by every family: dense layers, embeddings, norms, masks and attention.
+
+Parameter names follow flax (``kernel`` [in, out], ``bias``, ``embedding`` [V, D], ``scale``) so the
+partition rules of every family read the same. Activations run in the parameter dtype; norms, softmax and
+logits run in float32.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from proxytune_jax.errors import UserError
+from proxytune_jax.models.cache import KVCache, positions_from_mask
+
+# Masked attention scores are replaced (``jnp.where``, never added) by this finite value: a fully masked row
+# (a pad query) then gets a uniform softmax instead of NaN.
+MASK_VALUE = -1e30
+
+
+def split_key(key: jax.Array | None, num: int) -> list[jax.Array | None]:
+    """``num`` independent keys (or ``None``s when building shapes only)."""
+    return [None] * num if key is None else list(jax.random.split(key, num))
+
+
+def normal(key: jax.Array | None, shape: tuple[int, ...], std: float, dtype) -> jax.Array:
+    """``std * N(0, 1)`` of ``shape``; zeros when ``key`` is None (shape-only construction: under
+    ``nnx.eval_shape`` tracing hundreds of random initialisers of a 70B model would cost seconds)."""
+    if key is None:
+        return jnp.zeros(shape, dtype)
+    return (std * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+
+
+def root_key(rngs: nnx.Rngs | None) -> jax.Array | None:
+    return None if rngs is None else rngs.params()
+
+
+class Linear(nnx.Module):
+    """``y = x @ kernel (+ bias)`` with ``kernel [in, out]`` (HF PyTorch stores the transpose)."""
+
+    def __init__(self, in_features: int, out_features: int, *, use_bias: bool, dtype, key, std: float = 0.02):
+        self.kernel = nnx.Param(normal(key, (in_features, out_features), std, dtype))
+        self.bias = nnx.Param(jnp.zeros((out_features,), dtype)) if use_bias else None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = jnp.einsum("...i,io->...o", x, self.kernel[...])
+        if self.bias is not None:
+            y = y + self.bias[...]
+        return y
+
+
+class Embed(nnx.Module):
+    """Token (or position) embedding table ``embedding [num, D]``."""
+
+    def __init__(self, num: int, features: int, *, dtype, key, std: float = 0.02):
+        self.embedding = nnx.Param(normal(key, (num, features), std, dtype))
+
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        return jnp.take(self.embedding[...], ids, axis=0)
+
+
+class RMSNorm(nnx.Module):
+    """``scale * x / sqrt(mean(x^2) + eps)``, statistics in float32 (as HF Llama)."""
+
+    def __init__(self, features: int, *, eps: float, dtype):
+        self.eps = eps
+        self.scale = nnx.Param(jnp.ones((features,), dtype))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+        return self.scale[...] * x32.astype(x.dtype)
+
+
+class LayerNorm(nnx.Module):
+    """``(x - mean) / sqrt(var + eps) * scale + bias``, statistics in float32 (as GPT-2)."""
+
+    def __init__(self, features: int, *, eps: float, dtype):
+        self.eps = eps
+        self.scale = nnx.Param(jnp.ones((features,), dtype))
+        self.bias = nnx.Param(jnp.zeros((features,), dtype))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        mean = jnp.mean(x32, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+        return (y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)).astype(x.dtype)
+
+
+# ----------------------------------------------------------------------------------------------- masks
+
+
+def check_lengths(seq_len: int, cache: KVCache | None, max_positions: int, model_name: str) -> None:
+    """Raise UserError for sequences or caches longer than the model's position range."""
+    if seq_len > max_positions:
+        raise UserError(
+            f"{model_name}: input has {seq_len} tokens but max_position_embeddings is {max_positions}; "
+            "truncate the input (or chunk it) to at most max_position_embeddings tokens")
+    if cache is None:
+        return
+    if cache.max_length > max_positions:
+        raise UserError(
+            f"{model_name}: the KV cache has {cache.max_length} slots but max_position_embeddings is "
+            f"{max_positions}; create it with max_length <= {max_positions}")
+    concrete = hasattr(cache.length, "__array__") and not isinstance(cache.length, jax.core.Tracer)
+    if concrete and int(cache.length) + seq_len > cache.max_length:  # eager calls only; jit cannot raise
+        raise UserError(
+            f"{model_name}: writing {seq_len} tokens at slot {int(cache.length)} overflows the KV cache of "
+            f"{cache.max_length} slots; create the cache with a larger max_length")
+
+
+class AttentionLayout:
+    """Who attends to whom in one forward step, shared by all layers.
+
+    Without a cache the keys are the ``T`` new tokens; with a cache they are the cache's ``S`` slots after
+    the new tokens were written at ``[length, length + T)``.
+    """
+
+    def __init__(self, attention_mask: jax.Array | None, batch: int, seq_len: int,
+                 cache: KVCache | None):
+        if attention_mask is None:
+            attention_mask = jnp.ones((batch, seq_len), bool)
+        attention_mask = attention_mask.astype(bool)  # [B, T]
+        self.cache = cache
+        if cache is None:
+            self.positions = positions_from_mask(attention_mask)  # [B, T]
+            self.key_valid = attention_mask  # [B, S=T]
+            self.key_positions = self.positions  # [B, S]
+            query_slots = jnp.arange(seq_len)  # [T]
+            key_slots = jnp.arange(seq_len)  # [S]
+            self.write_at = None
+        else:
+            self.positions = cache.positions_of(attention_mask)  # [B, T]
+            self.key_valid = jax.lax.dynamic_update_slice(cache.mask, attention_mask, (0, cache.length))
+            self.key_positions = jnp.maximum(jnp.cumsum(self.key_valid.astype(jnp.int32), axis=-1) - 1, 0)
+            query_slots = cache.length + jnp.arange(seq_len)
+            key_slots = jnp.arange(cache.max_length)
+            self.write_at = cache.length
+        # [B, T, S]: causal over slots and only real keys.
+        self.allowed = (key_slots[None, None, :] <= query_slots[None, :, None]) & self.key_valid[:, None, :]
+
+    def allowed_within(self, window: int | None) -> jax.Array:
+        """[B, T, S] mask, additionally limited to the last ``window`` positions (sliding window)."""
+        if window is None:
+            return self.allowed
+        near = self.key_positions[:, None, :] > self.positions[:, :, None] - window
+        return self.allowed & near
+
+    def new_cache(self, ks: list[jax.Array], vs: list[jax.Array], seq_len: int) -> KVCache | None:
+        if self.cache is None:
+            return None
+        return KVCache(k=tuple(ks), v=tuple(vs), mask=self.key_valid, length=self.cache.length + seq_len)
+
+
+def write_kv(cache_k: jax.Array, cache_v: jax.Array, k: jax.Array, v: jax.Array, at: jax.Array):
+    """Write new keys/values ``[B, T, K, D]`` into cache slots ``[at, at + T)`` of ``[B, S, K, D]``."""
+    cache_k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (0, at, 0, 0))
+    cache_v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, at, 0, 0))
+    return cache_k, cache_v
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array, scale: float) -> jax.Array:
+    """Grouped-query attention.
+
+    q [B, T, H, D]; k, v [B, S, K, D] with H a multiple of K; allowed [B, T, S] bool -> [B, T, H, D].
+    Scores and softmax in float32; masked scores replaced by MASK_VALUE.
+    """
+    b, t, h, d = q.shape
+    kv_heads = k.shape[2]
+    q = q.reshape(b, t, kv_heads, h // kv_heads, d)  # [B, T, K, G, D]
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k.astype(q.dtype),
+                        preferred_element_type=jnp.float32) * scale  # [B, K, G, T, S]
+    scores = jnp.where(allowed[:, None, None, :, :], scores, MASK_VALUE)
+    probs = jax.nn.softmax(scores, axis=-1)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v.dtype), v)  # [B, T, K, G, D]
+    return out.reshape(b, t, h, d).astype(q.dtype)
+
+
+def lm_logits(h: jax.Array, weight: jax.Array) -> jax.Array:
+    """h [B, T, D] @ weight [D, V] -> logits [B, T, V] accumulated and returned in float32."""
+    return jnp.einsum("btd,dv->btv", h, weight.astype(h.dtype), preferred_element_type=jnp.float32)
+
+
+class CausalLM(nnx.Module):
+    """What every architecture shares: its KV cache, its output projection and ``__call__``.
+
+    A subclass sets ``config``, ``dtype`` and ``lm_head`` (``None`` when tied to the embedding), and defines
+    ``token_embedding()`` (its ``Embed``) and ``hidden_states(input_ids, attention_mask, cache)``.
+    """
+
+    def init_cache(self, batch_size: int, max_length: int, dtype=None) -> KVCache:
+        c = self.config
+        check_lengths(max_length, None, c.max_position_embeddings, c.model_type)
+        return KVCache.zeros(num_layers=c.num_hidden_layers, batch_size=batch_size, max_length=max_length,
+                             num_kv_heads=c.num_key_value_heads, head_dim=c.head_dim,
+                             dtype=dtype or self.dtype)
+
+    def lm_head_weight(self) -> jax.Array:
+        """The output projection [D, V] (the transposed token embedding when tied)."""
+        if self.lm_head is None:
+            return self.token_embedding().embedding[...].T
+        return self.lm_head.kernel[...]
+
+    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
+                 cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
+        h, cache = self.hidden_states(input_ids, attention_mask, cache)
+        return lm_logits(h, self.lm_head_weight()), cache  # [B, T, V] float32
