@@ -1,10 +1,182 @@
-"""`proxytune generate` (not built yet: see the open issue for it)."""
+"""``proxytune generate``: proxy-tuned (or plain) decoding of local Hugging Face checkpoints, JSONL in and out.
+
+    proxytune generate --target DIR [--expert DIR --anti-expert DIR] [--rule proxy_tuning] [--alpha 1.0]
+        [--expert-chat-template] (--prompt TEXT | --prompts FILE.jsonl) --max-new-tokens N [--temperature 0]
+        [--top-p 1.0] [--top-k 0] [--seed 0] [--batch-size 8] [--stop STR ...] [--analysis] --output OUT.jsonl
+
+With only ``--target`` it is plain decoding of that model. Every user mistake is found before anything is
+written (and before the models are loaded where possible); the output is written to a temporary file in the
+output folder and renamed at the end, so a failed run never leaves a partial file.
+Output lines: ``{"prompt", "completion", "token_ids", "finish_reason"}`` (``finish_reason``: "eos", "stop"
+for a stop string, "length"); ``--analysis`` adds per-token top-1 ids, chosen-token probabilities of each
+model and whether the combined top-1 differs from the target's.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+
+from proxytune_jax.errors import UserError
+
+THREE_MODEL_RULES = ("proxy_tuning", "dexperts")  # rules taking (base, expert, anti_expert)
 
 
-def add_arguments(parser):
-    pass
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--target", required=True, help="the base (large) model folder")
+    parser.add_argument("--expert", help="the tuned small model folder")
+    parser.add_argument("--anti-expert", dest="anti_expert", help="the untuned small model folder")
+    parser.add_argument("--rule", default=None, choices=THREE_MODEL_RULES + ("plain",),
+                        help="fusion rule (default: proxy_tuning with an expert pair, plain without)")
+    parser.add_argument("--alpha", type=float, default=None,
+                        help="strength α of the expert/anti-expert offset (default: the rule's, 1.0 for proxy_tuning)")
+    parser.add_argument("--expert-chat-template", action="store_true",
+                        help="wrap the expert's prompt in its tokenizer's chat template (as in the paper)")
+    src = parser.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="one prompt")
+    src.add_argument("--prompts", help='JSONL file, one {"prompt": ...} per line')
+    parser.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, required=True)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 means greedy")
+    parser.add_argument("--top-p", dest="top_p", type=float, default=1.0)
+    parser.add_argument("--top-k", dest="top_k", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", dest="batch_size", type=int, default=8)
+    parser.add_argument("--stop", nargs="+", action="extend", default=[], metavar="STR",
+                        help="stop strings (the completion is cut before the first one)")
+    parser.add_argument("--analysis", action="store_true",
+                        help="also write per-token analysis (each model's top-1, prob of the chosen token)")
+    parser.add_argument("--output", required=True, help="output JSONL file")
+
+
+def check_numbers(args) -> None:
+    if args.alpha is not None and not math.isfinite(args.alpha):
+        raise UserError(f"--alpha must be a finite number, got {args.alpha}")
+    if not (0.0 < args.top_p <= 1.0) or math.isnan(args.top_p):
+        raise UserError(f"--top-p must be in (0, 1], got {args.top_p}; use 1.0 to turn it off")
+    if not math.isfinite(args.temperature) or args.temperature < 0:
+        raise UserError(f"--temperature must be a finite number >= 0 (0 = greedy), got {args.temperature}")
+    if args.top_k < 0:
+        raise UserError(f"--top-k must be >= 0 (0 = off), got {args.top_k}")
+    if args.max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if bool(args.expert) != bool(args.anti_expert):
+        raise UserError("give both --expert and --anti-expert (the tuned and untuned small models), or neither "
+                        "for plain decoding of --target")
+    if not args.expert and args.rule not in (None, "plain"):
+        raise UserError(f"--rule {args.rule} needs --expert and --anti-expert")
+    if args.expert and args.rule == "plain":
+        raise UserError("--rule plain decodes --target alone; drop --expert/--anti-expert or pick another rule")
+    if args.expert_chat_template and not args.expert:
+        raise UserError("--expert-chat-template needs --expert")
+
+
+def read_prompts(args) -> list[str]:
+    if args.prompt is not None:
+        if not args.prompt:
+            raise UserError("--prompt is empty; give a non-empty prompt")
+        return [args.prompt]
+    path = Path(args.prompts)
+    if not path.is_file():
+        raise UserError(f"prompts file {path} does not exist; pass a JSONL file with one {{\"prompt\": ...}} per line")
+    prompts = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}:{n}: not valid JSON ({e.msg}); each line must be {{\"prompt\": \"...\"}}") from None
+        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
+            raise UserError(f"{path}:{n}: each line must be an object with a string \"prompt\" field")
+        if not row["prompt"]:
+            raise UserError(f"{path}:{n}: the prompt is empty; remove the line or give text")
+        prompts.append(row["prompt"])
+    if not prompts:
+        raise UserError(f"prompts file {path} has no prompts; add lines like {{\"prompt\": \"...\"}}")
+    return prompts
+
+
+def check_model_dir(flag: str, value: str) -> Path:
+    path = Path(value)
+    if not path.is_dir():
+        raise UserError(f"{flag} {value}: no such folder; pass a local Hugging Face model folder")
+    if not (path / "config.json").is_file():
+        raise UserError(f"{flag} {value} has no config.json; pass a Hugging Face model folder "
+                        "(config.json + *.safetensors + tokenizer files)")
+    return path
+
+
+def load_tokenizer(flag: str, path: Path):
+    from transformers import AutoTokenizer
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except Exception as e:  # noqa: BLE001 - any failure here is a bad folder
+        raise UserError(f"{flag} {path}: could not load its tokenizer ({type(e).__name__}: {e}); the folder "
+                        "needs the tokenizer files (tokenizer.json / tokenizer_config.json)") from None
 
 
 def run(args) -> int:
-    print("proxytune generate: not built yet.")
+    check_numbers(args)
+    prompts = read_prompts(args)
+    out_path = Path(args.output)
+    if not out_path.parent.exists():
+        raise UserError(f"--output {out_path}: folder {out_path.parent} does not exist; create it first")
+
+    flags = [("--target", args.target)]
+    if args.expert:
+        flags += [("--expert", args.expert), ("--anti-expert", args.anti_expert)]
+    dirs = [check_model_dir(f, v) for f, v in flags]
+    tokenizers = [load_tokenizer(f, d) for (f, _), d in zip(flags, dirs)]
+    rule = args.rule or ("proxy_tuning" if args.expert else "plain")
+
+    # Cheap checks on configs before loading weights: tokenizers agree, prompts fit the contexts.
+    from proxytune_jax.decoding.vocab import align_vocabularies
+    from proxytune_jax.models import config_from_hf
+    configs = [config_from_hf(json.loads((d / "config.json").read_text())) for d in dirs]
+    names = [f"{f} {v}" for f, v in flags]
+    align_vocabularies(tokenizers, [c.vocab_size for c in configs], names)
+
+    import jax.numpy as jnp  # noqa: F401  (heavy imports only after the argument checks)
+    from tqdm import tqdm
+
+    from proxytune_jax.decoding.pipeline import TextGenerator, encode_for_models, eos_ids_for
+    from proxytune_jax.models.hf_io import load_pretrained
+
+    gen_cfg = {}
+    gpath = dirs[0] / "generation_config.json"
+    if gpath.is_file():
+        gen_cfg = json.loads(gpath.read_text())
+    eos = eos_ids_for(configs[0], tokenizers[0], gen_cfg)
+
+    chat = [False, bool(args.expert_chat_template), False][: len(dirs)]
+    encoded = encode_for_models(tokenizers, prompts, chat_template=chat,
+                                contexts=[int(c.max_position_embeddings) for c in configs], names=names,
+                                max_new_tokens=args.max_new_tokens)
+
+    models = [load_pretrained(d) for d in dirs]
+    gen = TextGenerator(models, tokenizers, rule, chat_template=chat, names=names, eos_ids=eos)
+    fusion_params = {"alpha": args.alpha} if (args.alpha is not None and rule != "plain") else None
+    n_batches = math.ceil(len(prompts) / args.batch_size)
+    with tqdm(total=n_batches, desc="generate", unit="batch") as bar:
+        results = gen.generate(prompts, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                               fusion_params=fusion_params, temperature=args.temperature, top_k=args.top_k,
+                               top_p=args.top_p, seed=args.seed, stop_strings=args.stop,
+                               analysis=args.analysis, encoded=encoded, progress=bar.update)
+
+    fd, tmp = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".tmp", dir=out_path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            for r in results:
+                f.write(json.dumps(r.to_json(), ensure_ascii=False) + "\n")
+        os.replace(tmp, out_path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    print(f"wrote {len(results)} completions to {out_path}")
     return 0

@@ -1,0 +1,129 @@
+"""``proxytune generate`` end to end on tiny checkpoints: JSONL in/out, plain and proxy-tuned decoding equal
+to the engine run directly, and clear errors with no output file for every user mistake the issue lists."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from proxytune_jax import cli
+from proxytune_jax.decoding.engine import Decoder
+from proxytune_jax.decoding.prompts import encode_prompt, left_pad
+from proxytune_jax.decoding.stopping import make_stop_criteria
+from proxytune_jax.models.hf_io import load_pretrained
+
+PROMPTS = ["the quick brown fox", "proxy tuning steers", "hello"]
+
+
+@pytest.fixture(scope="module")
+def dirs(tiny_checkpoint):
+    return dict(target=tiny_checkpoint("llama", seed=20, num_hidden_layers=3),
+                expert=tiny_checkpoint("llama", seed=21), anti=tiny_checkpoint("llama", seed=22))
+
+
+@pytest.fixture()
+def prompts_file(tmp_path):
+    p = tmp_path / "prompts.jsonl"
+    p.write_text("".join(json.dumps({"prompt": x}) + "\n" for x in PROMPTS))
+    return p
+
+
+def _run(argv, capsys):
+    code = cli.main(["generate", *map(str, argv)])
+    return code, capsys.readouterr()
+
+
+def test_proxy_tuned_generate_writes_jsonl(dirs, prompts_file, tmp_path, capsys):
+    out = tmp_path / "out.jsonl"
+    code, cap = _run(["--target", dirs["target"], "--expert", dirs["expert"], "--anti-expert", dirs["anti"],
+                      "--alpha", 0.8, "--expert-chat-template", "--prompts", prompts_file, "--max-new-tokens", 6,
+                      "--batch-size", 2, "--analysis", "--output", out], capsys)
+    assert code == 0, cap.err
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["prompt"] for r in rows] == PROMPTS
+    assert not list(tmp_path.glob(".out.jsonl.*"))  # the temporary file was renamed away
+
+    # the same decode through the engine directly, with the shapes the command uses (buckets of the longest
+    # prompt per model, batches of 2, the last one padded) so the compiled program is shared
+    from transformers import AutoTokenizer
+    from proxytune_jax.decoding.prompts import bucket_length
+    tok = AutoTokenizer.from_pretrained(dirs["target"])
+    dec = Decoder([load_pretrained(dirs[k]) for k in ("target", "expert", "anti")], "proxy_tuning")
+    streams = [[encode_prompt(tok, p, chat_template=c) for p in PROMPTS] for c in (False, True, False)]
+    lengths = [bucket_length(max(map(len, s))) for s in streams]
+    got = []
+    for rows in ([0, 1], [2, 2]):
+        res = dec.generate([left_pad([s[r] for r in rows], n, 0) for s, n in zip(streams, lengths)],
+                           max_new_tokens=6, fusion_params={"alpha": 0.8}, stop=make_stop_criteria([2]),
+                           analysis=True)
+        got += res.token_lists()
+    for r, expected in zip(rows_out := [json.loads(line) for line in out.read_text().splitlines()], got):
+        assert r["token_ids"] == expected
+        assert r["completion"] == tok.decode(r["token_ids"], skip_special_tokens=True)
+        assert r["finish_reason"] == ("eos" if r["token_ids"][-1] == 2 else "length")
+        assert len(r["analysis"]["top1"]) == len(r["token_ids"])
+        assert all(len(t) == 3 for t in r["analysis"]["top1"])
+    assert len(rows_out) == 3
+
+
+def test_plain_generate_with_stop_string(dirs, tmp_path, capsys):
+    out = tmp_path / "plain.jsonl"
+    code, cap = _run(["--target", dirs["target"], "--prompt", "the quick", "--max-new-tokens", 8,
+                      "--output", out], capsys)
+    assert code == 0, cap.err
+    full = json.loads(out.read_text())
+    assert full["finish_reason"] in ("eos", "length") and full["completion"]
+    if len(full["completion"]) < 3:
+        pytest.fail(f"completion too short for a stop-string check: {full}")
+    stop = full["completion"][1:3]
+    code, cap = _run(["--target", dirs["target"], "--prompt", "the quick", "--max-new-tokens", 8,
+                      "--stop", stop, "--output", out], capsys)
+    assert code == 0, cap.err
+    cut = json.loads(out.read_text())
+    assert cut["finish_reason"] == "stop"
+    assert cut["completion"] == full["completion"][: full["completion"].index(stop)]
+    assert cut["token_ids"] == full["token_ids"][: len(cut["token_ids"])]
+
+
+def _mismatched_tokenizer_dir(src, tmp_path):
+    dst = tmp_path / "other_tok"
+    shutil.copytree(src, dst)
+    state = json.loads((dst / "tokenizer.json").read_text())
+    vocab = state["model"]["vocab"]
+    inv = {i: t for t, i in vocab.items()}
+    vocab[inv[120]], vocab[inv[121]] = 121, 120
+    (dst / "tokenizer.json").write_text(json.dumps(state))
+    return dst
+
+
+@pytest.mark.parametrize("case", ["missing_folder", "mismatched_tokenizers", "prompt_too_long", "alpha_nan",
+                                  "alpha_inf", "top_p_zero", "top_p_above_one", "empty_prompts_file",
+                                  "expert_without_anti"])
+def test_user_errors_leave_no_output(case, dirs, prompts_file, tmp_path, capsys):
+    out = tmp_path / "out.jsonl"
+    three = ["--target", dirs["target"], "--expert", dirs["expert"], "--anti-expert", dirs["anti"]]
+    common = ["--max-new-tokens", 4, "--output", out]
+    argv, message = {
+        "missing_folder": (["--target", tmp_path / "nope", "--prompts", prompts_file, *common], "no such folder"),
+        "mismatched_tokenizers": (["--target", dirs["target"], "--expert", _mismatched_tokenizer_dir(
+            dirs["expert"], tmp_path), "--anti-expert", dirs["anti"], "--prompts", prompts_file, *common],
+            "different tokenizers"),
+        "prompt_too_long": ([*three, "--prompt", "the quick brown fox " * 6, *common], "exceeds its context"),
+        "alpha_nan": ([*three, "--alpha", "nan", "--prompts", prompts_file, *common], "--alpha must be a finite"),
+        "alpha_inf": ([*three, "--alpha", "inf", "--prompts", prompts_file, *common], "--alpha must be a finite"),
+        "top_p_zero": ([*three, "--top-p", 0, "--prompts", prompts_file, *common], r"--top-p must be in \(0, 1\]"),
+        "top_p_above_one": ([*three, "--top-p", 1.5, "--prompts", prompts_file, *common], "--top-p must be in"),
+        "empty_prompts_file": ([*three, "--prompts", tmp_path / "empty.jsonl", *common], "has no prompts"),
+        "expert_without_anti": (["--target", dirs["target"], "--expert", dirs["expert"], "--prompts",
+                                 prompts_file, *common], "give both --expert and --anti-expert"),
+    }[case]
+    (tmp_path / "empty.jsonl").write_text("\n")
+    code, cap = _run(argv, capsys)
+    assert code == 2
+    import re
+    assert re.search(message, cap.err), cap.err
+    assert "Traceback" not in cap.err
+    assert not out.exists()
+    assert not list(tmp_path.glob(".out.jsonl.*"))
