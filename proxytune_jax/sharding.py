@@ -105,3 +105,103 @@ def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Multi-host and batch placement (training).
+# ----------------------------------------------------------------------------------------------------------------
+
+def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
+                           process_id: int | None = None, *, local_device_ids: Sequence[int] | None = None,
+                           cpu_collectives: str = "gloo", initialization_timeout: int = 300) -> int:
+    """Join a multi-host run through JAX's own runtime and return this process's index.
+
+    On TPU pods and SLURM/GPU clusters every argument may stay ``None`` (JAX detects the cluster). On CPUs
+    (e.g. 2 processes on one laptop) pass ``coordinator_address="127.0.0.1:PORT"``, ``num_processes`` and
+    ``process_id``; cross-process collectives then use ``cpu_collectives`` ("gloo" or "mpi"). Calling it a
+    second time in the same process is a no-op. Must run before any other JAX call touches a device.
+    After it, ``jax.devices()`` lists the devices of every process and ``make_mesh`` spans them all.
+    """
+    if _distributed_is_initialized():
+        return jax.process_index()
+    if cpu_collectives:
+        try:
+            jax.config.update("jax_cpu_collectives_implementation", cpu_collectives)
+        except Exception as err:  # noqa: BLE001 -- an unknown value is a user mistake
+            from proxytune_jax.errors import UserError
+            raise UserError(f"cpu_collectives={cpu_collectives!r} is not supported by this jax ({err}); "
+                            "use 'gloo' (or 'mpi' where jax was built with it)") from err
+    jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
+                               process_id=process_id, local_device_ids=local_device_ids,
+                               initialization_timeout=initialization_timeout)
+    return jax.process_index()
+
+
+def _distributed_is_initialized() -> bool:
+    try:
+        from jax._src import distributed as _dist  # the documented check has no public name yet
+        return _dist.global_state.client is not None
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def put_global_batch(batch: Any, mesh: Mesh) -> Any:
+    """Place a host batch (a pytree of NumPy arrays holding the *global* batch, identical on every process)
+    on ``mesh`` with the leading dimension over data x fsdp.
+
+    Each process only copies the rows its own devices hold (``jax.make_array_from_callback``), so the same
+    call works on one CPU, 8 simulated devices and many hosts. The leading dimension must be divisible by
+    ``mesh.shape['data'] * mesh.shape['fsdp']``.
+    """
+    n = int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
+
+    def one(x):
+        x = np.asarray(x)
+        if x.shape[0] % n:
+            from proxytune_jax.errors import UserError
+            raise UserError(f"the global batch size {x.shape[0]} is not divisible by data x fsdp = {n} "
+                            "devices; choose a batch size that is a multiple of it")
+        sharding = batch_sharding(mesh, x.ndim)
+        return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+
+    return jax.tree.map(one, batch)
+
+
+def suffix_shardings(tree: Any, reference: Any, reference_shardings: Any, mesh: Mesh) -> Any:
+    """Shardings for a tree whose leaves mirror ``reference`` leaves (e.g. Adam's ``mu``/``nu`` of params).
+
+    A leaf whose path ends with a reference leaf's path and has the same shape takes that leaf's sharding;
+    every other leaf (step counters, scalars) is replicated.
+    """
+    by_path = {}
+    for (path, leaf), sh in zip(jax.tree_util.tree_flatten_with_path(reference)[0],
+                                jax.tree.leaves(reference_shardings)):
+        by_path[path_to_str(path)] = (tuple(getattr(leaf, "shape", ())), sh)
+
+    def one(path, leaf):
+        p = path_to_str(path)
+        shape = tuple(getattr(leaf, "shape", ()))
+        parts = p.split("/")
+        for i in range(len(parts)):  # longest suffix first
+            hit = by_path.get("/".join(parts[i:]))
+            if hit is not None and hit[0] == shape:
+                return hit[1]
+        return NamedSharding(mesh, P())
+
+    return jax.tree_util.tree_map_with_path(one, tree)
+
+
+def put_global(tree: Any, shardings: Any) -> Any:
+    """Place host arrays (identical on every process) onto ``shardings`` that may span several processes;
+    each process copies only the shards of its own devices. Single-process it equals ``jax.device_put``."""
+    def one(x, sharding):
+        x = np.asarray(jax.device_get(x))
+        return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+    return jax.tree.map(one, tree, shardings)
+
+
+def to_host(x: Any) -> np.ndarray:
+    """A NumPy copy of a *replicated* (or fully addressable) array, also when it spans several processes."""
+    if getattr(x, "is_fully_addressable", True):
+        return np.asarray(jax.device_get(x))
+    return np.asarray(x.addressable_shards[0].data)

@@ -1,0 +1,298 @@
+"""``train(config, workdir)``: the whole run behind ``proxytune train``.
+
+Workdir layout:
+  ``config.json``     the run's ``TrainConfig`` (a rerun with the same workdir must match it, see
+                      ``config.RESUMABLE_CHANGES``);
+  ``metrics.jsonl``   one line per logged step: ``step``, every loss term, ``learning_rate``, ``grad_norm``,
+                      ``tokens``, ``tokens_per_s`` (real tokens of the batches since the last log / wall time);
+                      evaluation lines carry ``eval_*`` keys;
+  ``checkpoints/``    orbax steps (``proxytune_jax.checkpoint``), every ``save_every`` steps and at the end;
+  ``final/``          the trained params as a Hugging Face folder (+ tokenizer), when ``export``.
+
+Rerunning the same command resumes from the last complete checkpoint: the state (params, optimizer, step,
+PRNG key) is restored onto the current mesh, the data continue at the saved position, and metrics lines
+written after that checkpoint by the killed run are dropped. Only process 0 writes files other than
+checkpoints in a multi-host run.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+from tqdm.auto import tqdm
+
+from proxytune_jax.checkpoint import Checkpointer
+from proxytune_jax.errors import UserError
+from proxytune_jax.sharding import (MeshConfig, make_mesh, put_global, put_global_batch, replicated, to_host,
+                                    tree_shardings)
+from proxytune_jax.training.config import TrainConfig, check_resume_compatible
+from proxytune_jax.training.data import Batches, load_batches
+from proxytune_jax.training.optim import OptimConfig, learning_rate_schedule, make_optimizer
+from proxytune_jax.training.state import abstract_train_state, init_train_state, split_params
+from proxytune_jax.training.step import make_eval_step, make_train_step, mean_metrics
+
+_HOST_ONLY_KEYS = ("token_index",)  # batch entries used on the host (cache alignment), not by the step
+
+
+@dataclasses.dataclass
+class TrainResult:
+    final_step: int
+    resumed_from: int | None
+    workdir: Path
+    export_dir: Path | None
+    last_metrics: dict
+    eval_metrics: dict
+    state: Any = None  # the final TrainState (on device)
+
+
+def optim_config(config: TrainConfig) -> OptimConfig:
+    return OptimConfig(learning_rate=config.learning_rate, warmup_steps=config.warmup_steps,
+                       total_steps=config.steps, min_lr_ratio=config.min_lr_ratio,
+                       weight_decay=config.weight_decay, b1=config.b1, b2=config.b2,
+                       grad_clip_norm=config.grad_clip_norm)
+
+
+def _dtype(name: str):
+    return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
+
+
+def _load_model(path: str, dtype, what: str):
+    from proxytune_jax.models.hf_io import load_pretrained
+    if not Path(path).is_dir():
+        raise UserError(f"{what} folder {path} does not exist; pass a Hugging Face model folder")
+    return load_pretrained(path, dtype=dtype)
+
+
+def _write_json_line(path: Path, obj: dict) -> None:
+    with path.open("a") as f:
+        f.write(json.dumps(obj) + "\n")
+        f.flush()
+
+
+def _truncate_metrics(path: Path, upto_step: int) -> int:
+    """Keep metrics lines with ``step <= upto_step`` (a killed run may have logged past its last
+    checkpoint, or died mid-line). Returns the number of dropped lines."""
+    if not path.exists():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError:
+            dropped += 1
+            continue
+        if obj.get("step", 0) <= upto_step:
+            kept.append(line)
+        else:
+            dropped += 1
+    path.write_text("".join(l + "\n" for l in kept))
+    return dropped
+
+
+def build_objective(config: TrainConfig, student_graphdef, frozen_graphdefs: dict) -> Callable:
+    from proxytune_jax.training import objectives as O
+    if config.objective == "sft":
+        return O.sft_objective(student_graphdef)
+    if config.objective == "online_distillation":
+        return O.online_distillation_objective(
+            student_graphdef, frozen_graphdefs["teacher"], loss=config.loss, temperature=config.temperature,
+            kd_weight=config.kd_weight, ce_weight=config.ce_weight, loss_kwargs=config.loss_kwargs)
+    if config.objective == "online_distillation_chunked":
+        return O.online_distillation_chunked_objective(
+            student_graphdef, frozen_graphdefs["teacher"], loss=config.loss, temperature=config.temperature,
+            kd_weight=config.kd_weight, chunk_size=config.chunk_size or None, loss_kwargs=config.loss_kwargs)
+    if config.objective == "offline_topk":
+        return O.offline_topk_objective(
+            student_graphdef, temperature=config.temperature, mode=config.topk_mode,
+            kd_weight=config.kd_weight, ce_weight=config.ce_weight, loss_kwargs=config.loss_kwargs)
+    if config.objective == "bayesian":
+        return O.bayesian_objective(
+            student_graphdef, frozen_graphdefs.get("proxy"), num_bins=config.posterior_bins,
+            num_samples=config.posterior_samples, alpha=config.alpha, beta=config.beta,
+            temperature=config.temperature)
+    raise UserError(f"objective {config.objective!r} is unknown")
+
+
+class _BatchSource:
+    """Host batches for a step, with per-objective additions (teacher top-k cache, n-gram prior)."""
+
+    def __init__(self, batches: Batches, attach: Callable[[dict], dict] | None = None):
+        self.batches, self.attach = batches, attach
+
+    def host(self, step: int) -> dict:
+        b = self.batches.batch(step)
+        return self.attach(b) if self.attach else b
+
+    def host_eval(self):
+        for b in self.batches.epoch_batches():
+            yield self.attach(b) if self.attach else b
+
+
+def _device_batch(batch: dict, mesh) -> dict:
+    return put_global_batch({k: v for k, v in batch.items() if k not in _HOST_ONLY_KEYS}, mesh)
+
+
+def train(config: TrainConfig, workdir: str | Path, *, mesh=None, progress: bool = True,
+          on_step: Callable[[int, dict | None, Checkpointer], None] | None = None,
+          return_state: bool = False) -> TrainResult:
+    """Run (or resume) the training described by ``config`` in ``workdir``; see the module docstring.
+
+    ``on_step(step, metrics_or_None, checkpointer)`` is called after every optimizer step (metrics only on
+    logged steps) -- a hook for tests and notebooks.
+    """
+    config.validate()
+    workdir = Path(workdir)
+    primary = jax.process_index() == 0
+    workdir.mkdir(parents=True, exist_ok=True)
+    config_file, metrics_file = workdir / "config.json", workdir / "metrics.jsonl"
+    if config_file.exists():
+        changed = check_resume_compatible(json.loads(config_file.read_text()), config, workdir)
+        if changed and primary:
+            print(f"[train] resuming {workdir} with changed {', '.join(changed)}")
+    if primary:
+        config_file.write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or config.student)
+
+    mesh = mesh or make_mesh(MeshConfig(config.mesh_data, config.mesh_fsdp, config.mesh_tensor))
+    data_kwargs = dict(batch_size=config.batch_size, max_length=config.max_length, pack=config.pack)
+    train_data = load_batches(config.train_file, tokenizer, seed=config.seed, shuffle=config.shuffle, **data_kwargs)
+    eval_data = (load_batches(config.eval_file, tokenizer, seed=config.seed, shuffle=False,
+                              **{**data_kwargs, "pack": False})  # every eval example whole, in file order
+                 if config.eval_file else None)
+
+    from proxytune_jax.models import partition_rules
+    dtype = _dtype(config.param_dtype)
+    student = _load_model(config.student, dtype, "student")
+    graphdef, params = split_params(student)
+    rules = partition_rules(student.config)
+    del student
+
+    frozen, frozen_graphdefs = {}, {}
+    if config.objective.startswith("online_distillation"):
+        teacher = _load_model(config.teacher, jnp.float32, "teacher")
+        tg, tp = split_params(teacher)
+        frozen["teacher"] = put_global(tp, tree_shardings(tp, partition_rules(teacher.config), mesh))
+        frozen_graphdefs["teacher"] = tg
+    if config.objective == "bayesian" and config.proxy:
+        proxy = _load_model(config.proxy, jnp.float32, "proxy")
+        pg, pp = split_params(proxy)
+        frozen["proxy"] = put_global(pp, tree_shardings(pp, partition_rules(proxy.config), mesh))
+        frozen_graphdefs["proxy"] = pg
+
+    train_src, eval_src = _BatchSource(train_data), (_BatchSource(eval_data) if eval_data else None)
+    if config.objective in ("offline_topk", "bayesian"):
+        from proxytune_jax.training import objectives as O
+        train_src, eval_src, extra_frozen = O.prepare_sources(config, train_src, eval_src, tokenizer, mesh)
+        frozen.update(extra_frozen)
+
+    oc = optim_config(config)
+    optimizer = make_optimizer(oc)
+    schedule = learning_rate_schedule(oc)
+    abstract = abstract_train_state(jax.eval_shape(lambda p: p, params), optimizer, rules=rules, mesh=mesh)
+    shardings = jax.tree.map(lambda s: s.sharding, abstract)
+
+    ckpt = Checkpointer(workdir / "checkpoints", save_every=config.save_every, keep=config.keep_checkpoints)
+    restored = ckpt.restore_latest(abstract)
+    resumed_from = None
+    if restored is not None:
+        state, meta, start = restored
+        resumed_from = start
+        want = train_data.position(start).to_dict()
+        if meta.get("data_position") != want or meta.get("num_examples") != len(train_data.examples):
+            raise UserError(f"checkpoint step {start} was saved at data position {meta.get('data_position')} "
+                            f"of {meta.get('num_examples')} examples, but this run's data give {want} of "
+                            f"{len(train_data.examples)}; resume with the same train_file and batch settings")
+        del params
+        if primary:
+            dropped = _truncate_metrics(metrics_file, start)
+            print(f"[train] resumed from step {start} ({workdir / 'checkpoints'})"
+                  + (f"; dropped {dropped} metrics lines logged after it" if dropped else ""))
+    else:
+        state = init_train_state(params, optimizer, rules=rules, mesh=mesh, seed=config.seed)
+        del params
+        start = 0
+        if primary and metrics_file.exists():
+            metrics_file.unlink()  # no checkpoint: the run starts over
+
+    loss_fn = build_objective(config, graphdef, frozen_graphdefs)
+    train_step = make_train_step(loss_fn, optimizer, mesh, state_shardings=shardings, frozen=frozen,
+                                 grad_accum_steps=config.grad_accum_steps, learning_rate_fn=schedule)
+    eval_step = (make_eval_step(loss_fn, mesh, params_shardings=shardings.params, frozen=frozen, seed=config.seed)
+                 if eval_src else None)
+
+    def meta_for(step: int) -> dict:
+        return {"step": step, "data_position": train_data.position(step).to_dict(),
+                "num_examples": len(train_data.examples), "config": config.to_dict()}
+
+    def run_eval(step: int) -> dict:
+        summed = [eval_step(state.params, _device_batch(b, mesh)) for b in eval_src.host_eval()]
+        out = {f"eval_{k}": v for k, v in mean_metrics([jax.tree.map(to_host, m) for m in summed]).items()}
+        if primary:
+            _write_json_line(metrics_file, {"step": step, **out})
+        return out
+
+    last, eval_out = {}, {}
+    if eval_src and config.eval_every and start == 0:
+        eval_out = run_eval(0)  # the starting point, for comparison
+    bar = tqdm(total=config.steps, initial=start, desc="train", unit="step", disable=not (progress and primary),
+               dynamic_ncols=True)
+    t0, tokens_since = time.perf_counter(), 0
+    step = start
+    try:
+        while step < config.steps:
+            host = train_src.host(step)
+            tokens_since += int(host["attention_mask"].sum())
+            state, metrics = train_step(state, _device_batch(host, mesh))
+            step += 1
+            logged = None
+            if step % config.log_every == 0 or step == config.steps:
+                m = {k: float(to_host(v)) for k, v in metrics.items()}
+                dt = time.perf_counter() - t0
+                logged = {"step": step, **m, "tokens_per_s": tokens_since / max(dt, 1e-9)}
+                t0, tokens_since = time.perf_counter(), 0
+                last = logged
+                if primary:
+                    _write_json_line(metrics_file, logged)
+                bar.set_postfix(loss=f"{m['loss']:.4f}")
+            ckpt.save(step, state, meta_for(step), force=(step == config.steps))
+            if eval_src and config.eval_every and step % config.eval_every == 0 and step != config.steps:
+                eval_out = run_eval(step)
+            bar.update(1)
+            if on_step is not None:
+                on_step(step, logged, ckpt)
+        if eval_src:
+            eval_out = run_eval(step)
+    finally:
+        bar.close()
+        ckpt.close()
+
+    export_dir = None
+    if config.export:
+        export_dir = export_params(graphdef, state.params, workdir / "final", tokenizer=tokenizer)
+    return TrainResult(final_step=step, resumed_from=resumed_from, workdir=workdir, export_dir=export_dir,
+                       last_metrics=last, eval_metrics=eval_out, state=state if return_state else None)
+
+
+def export_params(graphdef, params, path: Path, *, tokenizer=None) -> Path | None:
+    """Write ``params`` as a Hugging Face folder (``save_pretrained``) on process 0; other processes only
+    take part in gathering the (possibly sharded) params."""
+    from flax import nnx
+    from proxytune_jax.models.hf_io import save_pretrained
+    if jax.process_count() > 1:
+        mesh = jax.tree.leaves(params)[0].sharding.mesh
+        params = jax.jit(lambda p: p, out_shardings=replicated(mesh))(params)
+    if jax.process_index() != 0:
+        return None
+    host = jax.tree.map(to_host, params)
+    model = nnx.merge(graphdef, host)
+    save_pretrained(model, path)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(path)
+    return path

@@ -1,0 +1,230 @@
+"""Train steps: objectives against PyTorch/NumPy re-statements, gradient accumulation equal to the big-batch
+step, the optimizer's schedule and decay mask, offline top-k caches lining up with batches."""
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import proxytune_jax as pj
+from proxytune_jax.errors import UserError
+from proxytune_jax.models import partition_rules
+from proxytune_jax.sharding import MeshConfig, make_mesh, put_global_batch
+from proxytune_jax.training.data import load_batches
+from proxytune_jax.training.objectives import (online_distillation_objective, resolve_loss, sft_objective,
+                                               shifted)
+from proxytune_jax.training.optim import OptimConfig, decay_mask, learning_rate_schedule, make_optimizer
+from proxytune_jax.training.state import init_train_state, split_params, train_state_shardings
+from proxytune_jax.training.step import make_train_step
+
+ROWS = [{"prompt": f"question: what is {a} plus {b}?", "response": f" answer: {a + b}" + " ok" * ((a + 2 * b) % 5)}
+        for a in range(6) for b in range(6)]
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_checkpoint, tmp_path_factory):
+    from transformers import AutoTokenizer
+    work = tmp_path_factory.mktemp("step")
+    data_file = work / "train.jsonl"
+    data_file.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    sdir = tiny_checkpoint("llama", seed=1)
+    tdir = tiny_checkpoint("llama", seed=2, hidden_size=64, intermediate_size=96)
+    tok = AutoTokenizer.from_pretrained(sdir)
+    data = load_batches(data_file, tok, batch_size=8, max_length=40, seed=0)
+    return dict(sdir=sdir, tdir=tdir, data=data, data_file=data_file, work=work, tok=tok,
+                student=pj.load_pretrained(sdir), teacher=pj.load_pretrained(tdir))
+
+
+def _torch_logits(torch_lm, path, batch):
+    import torch
+    ids = torch.tensor(batch["input_ids"], dtype=torch.long)
+    mask = torch.tensor(batch["attention_mask"], dtype=torch.long)
+    pos = torch.clamp(torch.cumsum(mask, -1) - 1, min=0)
+    with torch.no_grad():
+        out = torch_lm(path)(input_ids=ids, attention_mask=mask, position_ids=pos).logits
+    return out.double().numpy()[:, :-1]
+
+
+def _log_softmax(x):
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def test_sft_and_online_distillation_losses_match_torch_and_numpy(setup, torch_lm):
+    batch = setup["data"].batch(0)
+    g, params = split_params(setup["student"])
+    tg, tparams = split_params(setup["teacher"])
+    s_np, t_np = _torch_logits(torch_lm, setup["sdir"], batch), _torch_logits(torch_lm, setup["tdir"], batch)
+    labels = batch["input_ids"][:, 1:]
+    m = ((batch["loss_mask"][:, 1:] > 0) & (batch["attention_mask"][:, 1:] > 0)
+         & (batch["attention_mask"][:, :-1] > 0)).astype(np.float64)
+    assert m.sum() > 0
+    ce = -(np.take_along_axis(_log_softmax(s_np), labels[..., None], -1)[..., 0] * m).sum() / m.sum()
+    tau = 2.0
+    lp, lq = _log_softmax(t_np / tau), _log_softmax(s_np / tau)
+    kl = ((np.exp(lp) * (lp - lq)).sum(-1) * m).sum() / m.sum()
+
+    jb = jax.tree.map(jnp.asarray, batch)
+    loss, metrics = jax.jit(sft_objective(g))(params, {}, jb, jax.random.PRNGKey(0), {})
+    assert abs(float(loss) - ce) < 1e-5 * max(1, ce) and int(metrics["tokens"]) == int(m.sum())
+    fn = online_distillation_objective(g, tg, loss="forward_kl", temperature=tau, ce_weight=0.3, kd_weight=2.0)
+    loss, metrics = jax.jit(fn)(params, {"teacher": tparams}, jb, jax.random.PRNGKey(0), {})
+    assert abs(float(metrics["forward_kl"]) - kl) < 1e-5 * max(1, kl)
+    assert abs(float(metrics["ce"]) - ce) < 1e-5 * max(1, ce)
+    assert abs(float(loss) - (2.0 * kl + 0.3 * ce)) < 1e-5 * max(1, kl)
+
+
+def test_teacher_gets_no_gradient_and_any_loss_name_resolves(setup):
+    g, params = split_params(setup["student"])
+    tg, tparams = split_params(setup["teacher"])
+    jb = jax.tree.map(jnp.asarray, setup["data"].batch(1))
+    fn = online_distillation_objective(g, tg, loss="generalized_jsd", loss_kwargs={"beta": 0.3})
+    grads = jax.jit(jax.grad(lambda p, t, b: fn(p, {"teacher": t}, b, jax.random.PRNGKey(0), {})[0],
+                             argnums=(0, 1)))(params, tparams, jb)
+    assert all(float(jnp.abs(x).max()) == 0.0 for x in jax.tree.leaves(grads[1]))  # stop_gradient
+    assert any(float(jnp.abs(x).max()) > 0.0 for x in jax.tree.leaves(grads[0]))
+    hinton = online_distillation_objective(g, tg, loss="hinton_kd")  # mixes CE itself: gets labels
+    assert np.isfinite(float(jax.jit(hinton)(params, {"teacher": tparams}, jb, jax.random.PRNGKey(0), {})[0]))
+    with pytest.raises(UserError, match="unknown distillation loss 'nope'.*forward_kl"):
+        resolve_loss("nope")
+
+
+def test_gradient_accumulation_equals_the_big_batch_step(setup):
+    mesh = make_mesh(MeshConfig())
+    g, params = split_params(setup["student"])
+    rules = partition_rules(setup["student"].config)
+    opt = make_optimizer(OptimConfig(learning_rate=1e-2, warmup_steps=0, total_steps=10, grad_clip_norm=0.5))
+    objective = sft_objective(g)
+    for s in range(setup["data"].batches_per_epoch):
+        batch = setup["data"].batch(s)
+        _, mask = shifted(batch)
+        if len({int(mask[j::4].sum()) for j in range(4)}) > 1:
+            break  # unequal token counts per micro-batch: the weighting matters
+    else:
+        raise AssertionError("no batch with unequal micro-batch token counts")
+    results = {}
+    for accum in (1, 4):
+        state = init_train_state(params, opt, rules=rules, mesh=mesh)
+        sh = train_state_shardings(state, rules, mesh)
+        step = make_train_step(objective, opt, mesh, state_shardings=sh, grad_accum_steps=accum)
+        for s in range(2):
+            state, metrics = step(state, put_global_batch(batch, mesh))
+        results[accum] = (jax.device_get(state.params), {k: float(v) for k, v in metrics.items()})
+    (p1, m1), (p4, m4) = results[1], results[4]
+    assert m1["tokens"] == m4["tokens"] == int(mask.sum())
+    for key in ("loss", "ce", "grad_norm"):
+        assert abs(m1[key] - m4[key]) < 1e-5 * max(1, abs(m1[key])), key
+    diffs = [float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p4))]
+    assert max(diffs) < 1e-5  # Adam steps are ~1e-2 here; fp32 summation order differs
+    moved = [float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(params))]
+    assert max(moved) > 1e-3  # the steps did move the params
+    with pytest.raises(UserError, match="grad_accum_steps must be >= 1"):
+        make_train_step(objective, opt, mesh, state_shardings=sh, grad_accum_steps=0)
+
+
+def test_schedule_warmup_cosine_and_decay_mask():
+    cfg = OptimConfig(learning_rate=1e-3, warmup_steps=10, total_steps=110, min_lr_ratio=0.1)
+    lr = learning_rate_schedule(cfg)
+    assert float(lr(0)) == 0.0 and abs(float(lr(5)) - 5e-4) < 1e-9 and abs(float(lr(10)) - 1e-3) < 1e-9
+    mid = 1e-4 + 0.5 * (1e-3 - 1e-4) * (1 + np.cos(np.pi * 0.5))  # halfway through the cosine
+    assert abs(float(lr(60)) - mid) < 1e-8 and abs(float(lr(110)) - 1e-4) < 1e-9
+    params = {"model": {"norm": {"scale": jnp.ones(4)}, "layers": {0: {"q_proj": {"kernel": jnp.ones((4, 4)),
+                                                                               "bias": jnp.ones(4)}}}}}
+    mask = decay_mask(params)
+    assert mask["model"]["layers"][0]["q_proj"] == {"kernel": True, "bias": False}
+    assert mask["model"]["norm"]["scale"] is False
+    with pytest.raises(UserError, match="warmup_steps"):
+        learning_rate_schedule(OptimConfig(warmup_steps=20, total_steps=10))
+
+
+def test_offline_topk_cache_lines_up_with_batches(setup, tmp_path):
+    from flax import nnx
+    from proxytune_jax.losses.first import topk_from_logits
+    from proxytune_jax.training.topk_cache import TopKAttacher, build_topk_cache
+    cache = build_topk_cache(setup["tdir"], setup["data_file"], tmp_path / "cache", k=4, batch_size=8)
+    data = setup["data"]
+    attach = TopKAttacher(cache, data.examples, name="train")
+    batch = attach(data.batch(3))  # left-padded rows of shuffled examples
+    tg, tparams = split_params(setup["teacher"])
+    forward = jax.jit(lambda p, ids, m: topk_from_logits(nnx.merge(tg, p)(ids, m)[0], 4))
+    direct = forward(tparams, jnp.asarray(batch["input_ids"]), jnp.asarray(batch["attention_mask"]))
+    real = batch["attention_mask"] > 0
+    np.testing.assert_array_equal(batch["topk_ids"][real], np.asarray(direct.ids)[real])
+    np.testing.assert_allclose(batch["topk_logp"][real], np.asarray(direct.logp)[real], atol=2e-3)  # float16
+    assert np.allclose(np.exp(batch["topk_logp"][~real]).sum(-1), 1.0)  # pads: a harmless uniform entry
+    other = load_batches(setup["data_file"], setup["tok"], batch_size=8, max_length=40)
+    with pytest.raises(UserError, match="does not match"):
+        TopKAttacher(cache, other.examples[:-1], name="train")
+
+
+def _train_lines(workdir):
+    return [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]
+
+
+def test_offline_topk_and_bayesian_objectives_train(setup, tmp_path):
+    from proxytune_jax.training.config import TrainConfig
+    from proxytune_jax.training.loop import train
+    from proxytune_jax.training.topk_cache import build_topk_cache
+    cache = build_topk_cache(setup["tdir"], setup["data_file"], tmp_path / "cache", k=5)
+    # scored before and after on a fixed set (the training file itself: a fixed yardstick, not noisy batches)
+    common = dict(student=str(setup["sdir"]), train_file=str(setup["data_file"]), eval_file=str(setup["data_file"]),
+                  max_length=40, batch_size=8, steps=30, learning_rate=1e-2, log_every=5, save_every=30,
+                  eval_every=30, export=False)
+    first = train(TrainConfig(objective="offline_topk", topk_cache=str(cache), eval_topk_cache=str(cache),
+                              topk_mode="tail_bucket", ce_weight=0.5, **common), tmp_path / "first", progress=False)
+    lines = _train_lines(tmp_path / "first")
+    assert {"topk_kl", "ce", "loss"} <= set(lines[0])
+    for l in lines:  # every term reported, and they add up to the objective
+        assert abs(l["loss"] - (l["topk_kl"] + 0.5 * l["ce"])) < 1e-5 * max(1, l["loss"])
+    evals = [json.loads(l) for l in (tmp_path / "first" / "metrics.jsonl").read_text().splitlines() if "eval_loss" in l]
+    assert [e["step"] for e in evals] == [0, 30]
+    assert evals[1]["eval_topk_kl"] < 0.7 * evals[0]["eval_topk_kl"], evals
+    assert first.eval_metrics == {k: v for k, v in evals[1].items() if k != "step"}
+
+    train(TrainConfig(objective="bayesian", proxy=str(setup["tdir"]), alpha=0.5, beta=0.25, posterior_bins=50,
+                      **common), tmp_path / "bayes", progress=False)
+    lines = _train_lines(tmp_path / "bayes")
+    for l in lines:
+        assert abs(l["loss"] - (l["ce"] + 0.5 * l["kl_prior"] + 0.25 * l["kl_posterior"])) < 1e-4 * max(1, l["loss"])
+    evals = [json.loads(l) for l in (tmp_path / "bayes" / "metrics.jsonl").read_text().splitlines() if "eval_loss" in l]
+    assert evals[1]["eval_loss"] < 0.5 * evals[0]["eval_loss"], evals
+
+
+def test_prior_of_a_padded_row_equals_the_prior_of_the_bare_example(setup):
+    from proxytune_jax.losses.bayesian import NgramPrior
+    from proxytune_jax.training.objectives import PriorAttacher
+    data = setup["data"]
+    prior = NgramPrior.from_corpus([e.ids for e in data.examples], n=2)
+    batch = PriorAttacher(prior, gamma=2.0, support=8)(data.batch(2))
+    order = data.order(0)[16:24]  # the examples of batch 2
+    for row, i in enumerate(order):
+        e = data.examples[i]
+        n = min(len(e.ids), 40)
+        bare = prior.prior(e.ids[:n], gamma=2.0, support=8)
+        np.testing.assert_array_equal(batch["prior_ids"][row, 40 - n:], bare.ids)
+        np.testing.assert_allclose(batch["prior_probs"][row, 40 - n:], bare.probs)
+        assert (batch["prior_ids"][row, :40 - n] == -1).all() and (batch["prior_probs"][row, :40 - n] == 0).all()
+        np.testing.assert_allclose(batch["prior_probs"][row, 40 - n:].sum(-1), 1.0, rtol=1e-5)
+
+
+def test_chunked_online_distillation_equals_the_plain_objective(setup):
+    from proxytune_jax.training.objectives import online_distillation_chunked_objective
+    g, params = split_params(setup["student"])
+    tg, tparams = split_params(setup["teacher"])
+    plain = online_distillation_objective(g, tg, loss="reverse_kl", temperature=1.5)
+    chunked = online_distillation_chunked_objective(g, tg, loss="reverse_kl", temperature=1.5, chunk_size=48)
+    jb = jax.tree.map(jnp.asarray, setup["data"].batch(2))
+
+    @jax.jit
+    def both(p, t, b):  # arrays as arguments, never closed over
+        return [jax.value_and_grad(fn, has_aux=True)(p, {"teacher": t}, b, jax.random.PRNGKey(0), {})
+                for fn in (plain, chunked)]
+
+    ((lp, mp), gp), ((lc, mc), gc) = both(params, tparams, jb)
+    assert abs(float(lp) - float(lc)) < 1e-5 * max(1, abs(float(lp)))
+    assert int(mp["tokens"]) == int(mc["tokens"]) and abs(float(mc["reverse_kl"]) - float(lc)) < 1e-7
+    for a, b in zip(jax.tree.leaves(gp), jax.tree.leaves(gc)):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-5, rtol=1e-4)
