@@ -1,1 +1,14 @@
-"""toyworld."""
+"""The toy world behind ``proxytune demo``: a generated domain with *knowledge* (invented people's coin
+counts, in a raw pretraining corpus) and *format* (worked answers ending in ``#### N``, only in instruction
+data), a word-level tokenizer in Hugging Face format, and four Llama models (base/tuned × small/large)
+trained with the library's own train step and cached as Hugging Face folders.
+
+>>> from proxytune_jax.toyworld import ToyWorldConfig, build_toyworld
+>>> tw = build_toyworld(ToyWorldConfig())          # trains on first use, then cached
+>>> base_large, tuned_small = tw.load("base-large"), tw.load("tuned-small")
+"""
+from proxytune_jax.toyworld.build import MODEL_NAMES, ModelSize, ToyWorld, ToyWorldConfig, build_toyworld, default_cache_dir
+from proxytune_jax.toyworld.world import Question, World, WorldConfig, build_world
+
+__all__ = ["MODEL_NAMES", "ModelSize", "ToyWorld", "ToyWorldConfig", "build_toyworld", "default_cache_dir",
+           "Question", "World", "WorldConfig", "build_world"]

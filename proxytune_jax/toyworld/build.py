@@ -1,0 +1,161 @@
+"""Build (or reuse) the toy world's tokenizer and four models: base-small, base-large (pretrained on the
+raw corpus) and tuned-small, tuned-large (instruction-tuned from them), saved as Hugging Face folders with
+``proxytune_jax.save_pretrained`` and the tokenizer. Training uses the library's own jitted train step and
+SFT objective (``proxytune_jax.training``).
+
+The cache folder is ``<cache_dir>/<config hash>/``; a finished build writes ``manifest.json`` last, so an
+interrupted build is redone and a finished one is reused (loading takes seconds).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+
+from proxytune_jax.errors import UserError
+from proxytune_jax.toyworld.data import concat, encode_corpus, encode_instructions
+from proxytune_jax.toyworld.tokenizer import train_tokenizer
+from proxytune_jax.toyworld.train import FitConfig, fit
+from proxytune_jax.toyworld.world import World, WorldConfig, build_world
+
+BUILD_VERSION = 3  # bump when the build procedure changes (invalidates caches)
+MODEL_NAMES = ("base-small", "base-large", "tuned-small", "tuned-large")
+
+
+def default_cache_dir() -> Path:
+    """``$PROXYTUNE_CACHE/toyworld`` or ``~/.cache/proxytune_jax/toyworld``."""
+    root = os.environ.get("PROXYTUNE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "proxytune_jax")
+    return Path(root) / "toyworld"
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSize:
+    """A Llama-architecture size (tied embeddings, full multi-head attention)."""
+
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    intermediate_size: int
+
+
+@dataclasses.dataclass(frozen=True)
+class ToyWorldConfig:
+    world: WorldConfig = WorldConfig()
+    vocab_size: int = 4096  # upper bound for the word-level tokenizer (the world has ~600 words)
+    max_length: int = 96  # the models' context (max_position_embeddings)
+    small: ModelSize = ModelSize(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)
+    large: ModelSize = ModelSize(hidden_size=64, num_layers=2, num_heads=4, intermediate_size=256)
+    pretrain: FitConfig = FitConfig(steps=800, batch_size=32, learning_rate=3e-3, warmup_steps=40)
+    tune: FitConfig = FitConfig(steps=600, batch_size=32, learning_rate=1e-3, warmup_steps=20)
+    # Raw documents mixed into instruction tuning, per instruction example (replay against forgetting the
+    # corpus: without it the tiny tuned models drift towards the names seen in tuning).
+    replay_ratio: float = 1.0
+    seed: int = 0  # model initialization and data order (the world has its own seed)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def digest(self) -> str:
+        blob = json.dumps({"version": BUILD_VERSION, **self.to_dict()}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+@dataclasses.dataclass
+class ToyWorld:
+    """A built world: the generated data, the tokenizer and the folders of the four models."""
+
+    config: ToyWorldConfig
+    world: World
+    tokenizer: object
+    root: Path
+    timings: dict
+
+    def model_path(self, name: str) -> Path:
+        if name not in MODEL_NAMES:
+            raise UserError(f"unknown toy model {name!r}; one of {MODEL_NAMES}")
+        return self.root / name
+
+    def load(self, name: str):
+        from proxytune_jax import load_pretrained
+
+        return load_pretrained(self.model_path(name))
+
+
+def llama_config(size: ModelSize, tokenizer, max_length: int):
+    from proxytune_jax.models import LlamaConfig
+
+    return LlamaConfig(model_type="llama", vocab_size=len(tokenizer), hidden_size=size.hidden_size,
+                       intermediate_size=size.intermediate_size, num_hidden_layers=size.num_layers,
+                       num_attention_heads=size.num_heads, num_key_value_heads=size.num_heads,
+                       head_dim=size.hidden_size // size.num_heads, max_position_embeddings=max_length,
+                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                       pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True, rope_theta=10000.0)
+
+
+def tokenizer_texts(world: World) -> list[str]:
+    return list(world.corpus) + [f"{q.question} {q.answer}" for q in world.tune + world.heldout]
+
+
+def build_toyworld(config: ToyWorldConfig = ToyWorldConfig(), cache_dir: str | os.PathLike | None = None, *,
+                   progress: bool = True, log=print) -> ToyWorld:
+    """Train (first run) or load (later runs) the toy world for ``config``."""
+    from proxytune_jax import save_pretrained
+    from proxytune_jax.models import init_model
+    from proxytune_jax.training.objectives import sft_objective
+    from proxytune_jax.training.state import split_params
+    from transformers import AutoTokenizer
+
+    world = build_world(config.world)
+    root = Path(cache_dir or default_cache_dir()) / config.digest()
+    manifest = root / "manifest.json"
+    if manifest.is_file():
+        info = json.loads(manifest.read_text())
+        tok = AutoTokenizer.from_pretrained(root / "tokenizer")
+        return ToyWorld(config, world, tok, root, {"cached": True, **info.get("timings", {})})
+
+    if root.exists():  # an interrupted build
+        shutil.rmtree(root)
+    root.mkdir(parents=True)
+    log(f"building the toy world in {root} (first run only; later runs reuse it)")
+    timings: dict = {}
+    t0 = time.perf_counter()
+    tok = train_tokenizer(tokenizer_texts(world), vocab_size=config.vocab_size)
+    tok.save_pretrained(root / "tokenizer")
+    corpus = encode_corpus(tok, world.corpus)
+    sft = encode_instructions(tok, world.tune)
+    n_replay = int(round(config.replay_ratio * len(world.tune)))
+    if n_replay:
+        pick = np.random.default_rng(config.seed).choice(len(world.corpus), size=n_replay, replace=False)
+        sft = concat(sft, {k: v[pick] for k, v in corpus.items()})
+    if max(corpus["input_ids"].shape[1], sft["input_ids"].shape[1]) > config.max_length:
+        raise UserError("toy world sequences exceed max_length; raise ToyWorldConfig.max_length")
+    timings["data_s"] = time.perf_counter() - t0
+
+    for size_name, size in (("small", config.small), ("large", config.large)):
+        t = time.perf_counter()
+        model = init_model(llama_config(size, tok, config.max_length), seed=config.seed)
+        graphdef, _ = split_params(model)
+        objective = sft_objective(graphdef)
+        pre = dataclasses.replace(config.pretrain, seed=config.seed)
+        base, _ = fit(model, corpus, objective, pre, desc=f"pretrain base-{size_name}", progress=progress)
+        save_pretrained(base, root / f"base-{size_name}")
+        timings[f"pretrain_{size_name}_s"] = time.perf_counter() - t
+        t = time.perf_counter()
+        tune = dataclasses.replace(config.tune, seed=config.seed + 1)
+        tuned, _ = fit(base, sft, objective, tune, desc=f"instruction-tune {size_name}", progress=progress)
+        save_pretrained(tuned, root / f"tuned-{size_name}")
+        timings[f"tune_{size_name}_s"] = time.perf_counter() - t
+    for name in MODEL_NAMES:
+        (root / name / "README.md").write_text(
+            f"# toy world {name}\n\nBuilt by proxytune_jax.toyworld.build_toyworld; config digest "
+            f"{config.digest()}.\n")
+    timings["total_s"] = time.perf_counter() - t0
+    manifest.write_text(json.dumps({"config": config.to_dict(), "timings": timings}, indent=2) + "\n")
+    tok = AutoTokenizer.from_pretrained(root / "tokenizer")
+    return ToyWorld(config, world, tok, root, {"cached": False, **timings})

@@ -1,0 +1,106 @@
+"""Training loops of the toy world, built on the library's jitted train step
+(``proxytune_jax.training.make_train_step``) on a one-device mesh.
+
+``fit(model, data, loss_fn, ...)`` runs ``steps`` optimizer steps over shuffled mini-batches of ``data`` (a
+dict of equally long NumPy arrays) with a tqdm bar, and returns a new model with the trained weights.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from proxytune_jax.sharding import MeshConfig, make_mesh
+from proxytune_jax.training.optim import OptimConfig, make_optimizer
+from proxytune_jax.training.state import create_train_state, split_params
+from proxytune_jax.training.step import make_train_step
+
+
+@dataclasses.dataclass(frozen=True)
+class FitConfig:
+    steps: int = 500
+    batch_size: int = 32
+    learning_rate: float = 3e-3
+    warmup_steps: int = 20
+    weight_decay: float = 0.0
+    seed: int = 0
+
+
+def one_device_mesh():
+    return make_mesh(MeshConfig(data=1), devices=jax.devices()[:1])
+
+
+def merge_params(graphdef, params) -> nnx.Module:
+    """Rebuild an NNX model from a graphdef and a pure params dict."""
+    return nnx.merge(graphdef, params)
+
+
+def fit(model: nnx.Module, data: dict[str, np.ndarray], loss_fn: Callable, config: FitConfig, *,
+        frozen: Any = None, desc: str = "train", progress: bool = True,
+        step_cache: dict | None = None) -> tuple[nnx.Module, list[float]]:
+    """Train ``model`` on ``data`` with ``loss_fn(params, frozen, batch, rng, extras) -> (loss, metrics)``.
+    Returns ``(trained model, per-step losses)``. Runs that differ only in ``config.seed`` can share one
+    compiled train step through ``step_cache`` (a dict the caller keeps)."""
+    from tqdm.auto import tqdm
+
+    mesh = one_device_mesh()
+    graphdef, params = split_params(model)
+    opt_cfg = OptimConfig(learning_rate=config.learning_rate, warmup_steps=min(config.warmup_steps, config.steps),
+                          total_steps=config.steps, weight_decay=config.weight_decay, min_lr_ratio=0.1)
+    optimizer = make_optimizer(opt_cfg)
+    with jax.set_mesh(mesh):
+        # The step-0 state is built eagerly and replicated on the one device (cheaper than compiling
+        # ``init_train_state``'s builder for every run of these tiny models).
+        # Copies: the step donates the state, which must never alias the caller's model.
+        params = jax.tree.map(jnp.array, params)
+        state = create_train_state(params, optimizer, seed=config.seed)
+        replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        shardings = jax.tree.map(lambda _: replicated, state)
+        state = jax.device_put(state, shardings)
+        if frozen is not None:
+            frozen = jax.device_put(frozen, replicated)
+        key = (id(loss_fn), dataclasses.replace(config, seed=0))
+        if step_cache is not None and key in step_cache:
+            step = step_cache[key]
+        else:
+            step = make_train_step(loss_fn, optimizer, mesh, state_shardings=shardings, frozen=frozen)
+            if step_cache is not None:
+                step_cache[key] = step
+        n = len(next(iter(data.values())))
+        rng = np.random.default_rng(config.seed)
+        order = rng.permutation(n)
+        pos, losses = 0, []
+        bar = tqdm(range(config.steps), desc=desc, disable=not progress, leave=False, mininterval=0.5)
+        for _ in bar:
+            if pos + config.batch_size > n:
+                order, pos = rng.permutation(n), 0
+            idx = order[pos:pos + config.batch_size]
+            pos += config.batch_size
+            batch = {k: jnp.asarray(v[idx]) for k, v in data.items()}
+            state, metrics = step(state, batch)
+            losses.append(metrics["loss"])
+        losses = [float(x) for x in jax.device_get(losses)]
+        params = jax.device_get(state.params)
+    return merge_params(graphdef, params), losses
+
+
+def next_token_ce_loss_fn(graphdef) -> Callable:
+    """Causal-LM cross-entropy on ``batch["loss_mask"]`` tokens (mean over them); ``frozen`` unused."""
+
+    def loss_fn(params, frozen, batch, rng, extras):
+        del frozen, rng, extras
+        model = nnx.merge(graphdef, params)
+        logits, _ = model(batch["input_ids"], batch["attention_mask"])  # [B, T, V]
+        logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
+        tgt = batch["input_ids"][:, 1:]
+        m = batch["loss_mask"][:, 1:].astype(jnp.float32)
+        nll = -jnp.take_along_axis(logp, tgt[..., None], axis=-1)[..., 0]
+        tokens = jnp.sum(m)
+        loss = jnp.sum(nll * m) / jnp.maximum(tokens, 1.0)
+        return loss, {"loss": loss, "tokens": tokens}
+
+    return loss_fn

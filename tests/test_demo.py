@@ -1,0 +1,69 @@
+"""`proxytune demo --quick` end to end into tmp_path (toy models cached in tmp_path too)."""
+import json
+import math
+
+import pytest
+
+from proxytune_jax import cli
+
+MODELS = ("base-small", "base-large", "tuned-small", "proxy-tuned-large", "tuned-large")
+METHODS = ("sft", "forward_kl", "reverse_kl", "js", "tvd", "generalized_jsd", "sinkd", "first_top5", "bayesian")
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo")
+    out, cache = root / "out", root / "cache"
+    code = cli.main(["demo", "--quick", "--out", str(out), "--cache-dir", str(cache), "--no-progress"])
+    return code, out, cache
+
+
+def _unit(x):
+    return isinstance(x, float) and math.isfinite(x) and 0.0 <= x <= 1.0
+
+
+@pytest.mark.slow
+def test_demo_quick_writes_complete_results(demo_run):
+    code, out, cache = demo_run
+    assert code == 0
+    for name in ("results.json", "alpha_sweep.png", "reliability_sft_vs_first.png", "examples.md"):
+        assert (out / name).is_file(), name
+    for png in ("alpha_sweep.png", "reliability_sft_vs_first.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"
+    r = json.loads((out / "results.json").read_text())
+    pt = r["proxy_tuning"]
+    assert pt["n_questions"] == 24
+    assert set(pt["accuracy"]) == set(MODELS) and all(_unit(v) for v in pt["accuracy"].values())
+    acc = pt["accuracy"]
+    if acc["tuned-large"] == acc["base-large"]:
+        assert pt["gap_closed"] is None  # undefined, reported as null rather than NaN
+    else:
+        want = (acc["proxy-tuned-large"] - acc["base-large"]) / (acc["tuned-large"] - acc["base-large"])
+        assert pt["gap_closed"] == pytest.approx(want)
+    assert _unit(pt["top1_changed_share"])
+    assert set(pt["alpha_sweep"]) == {"0.5", "1.0", "2.0"} and all(_unit(v) for v in pt["alpha_sweep"].values())
+    assert pt["alpha_sweep"]["1.0"] == acc["proxy-tuned-large"]  # the α = 1 point is the table's run
+    assert len(r["examples"]) == 2 and all(set(MODELS[1:]) <= set(ex) for ex in r["examples"])
+    d = r["distillation"]
+    assert set(d["methods"]) == set(METHODS)
+    assert math.isfinite(d["first_teacher_temperature"]) and d["first_teacher_temperature"] > 0
+    for method, entry in d["methods"].items():
+        assert _unit(entry["accuracy"]["mean"]), method
+        assert math.isfinite(entry["nll"]["mean"]) and entry["nll"]["mean"] > 0, method
+        for key in ("ece10", "ece15"):
+            assert _unit(entry[key]["mean"]) and entry[key]["std"] >= 0, method
+        assert set(entry["per_seed"]) == {"0"}
+    assert r["timings"]["toyworld_cached"] is False
+
+
+@pytest.mark.slow
+def test_second_build_reuses_the_cache(demo_run):
+    from proxytune_jax.commands.demo import configs
+    from proxytune_jax.toyworld.build import build_toyworld
+
+    _, _, cache = demo_run
+    tw = build_toyworld(configs(True, 0).toyworld, cache, progress=False)
+    assert tw.timings["cached"] is True
+    model = tw.load("tuned-large")
+    assert model.config.vocab_size == len(tw.tokenizer)
+    assert (tw.model_path("tuned-large") / "config.json").is_file()
