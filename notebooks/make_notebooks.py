@@ -1,0 +1,259 @@
+"""Generate ``proxy_tuning.ipynb`` and ``distillation.ipynb`` (stored without outputs) from the cell sources
+below: edit here, then run ``python notebooks/make_notebooks.py``. ``tests/test_notebooks.py`` checks that the
+stored notebooks match this file and executes them headless at the tiny toy-world size."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import nbformat
+from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+
+HERE = Path(__file__).resolve().parent
+REPO_URL = "https://github.com/OWNER/proxytune_jax"  # this repository's URL (for the Colab install cell)
+
+INSTALL = f'''\
+# Colab: install proxytune_jax from the repository. Elsewhere this cell does nothing: run the notebook from a
+# checkout where `pip install -e .` was done.
+import os, subprocess, sys
+
+IN_COLAB = "google.colab" in sys.modules
+REPO_URL = os.environ.get("PROXYTUNE_REPO_URL", "{REPO_URL}")
+if IN_COLAB:
+    if "OWNER" in REPO_URL:
+        raise RuntimeError("set REPO_URL (or the PROXYTUNE_REPO_URL variable) to this repository's git URL")
+    subprocess.check_call([sys.executable, "-m", "pip", "install", "-q", f"git+{{REPO_URL}}"])'''
+
+SETUP = '''\
+# The same code runs on TPU, GPU or CPU: JAX picks the accelerator it finds.
+import os, time
+import jax
+import numpy as np
+import pandas as pd
+import matplotlib.pyplot as plt
+
+# "tiny" (used by the tests, ~1 minute on a CPU) or "small" (the `proxytune demo` world: a few minutes on a
+# CPU, well under a minute on an accelerator). Set PROXYTUNE_NOTEBOOK_SIZE before starting the kernel.
+SIZE = os.environ.get("PROXYTUNE_NOTEBOOK_SIZE", "small")
+print("devices:", jax.devices(), "| size:", SIZE)'''
+
+WORLD = '''\
+# The toy world (proxytune_jax.toyworld): invented people own coins. Their coin counts appear only in a raw
+# pretraining corpus; the answer *format* ("... #### N") appears only in instruction data about other people.
+# Four Llama-architecture models are trained once and cached: base-small/-large (corpus only) and
+# tuned-small/-large (instruction-tuned from them).
+from proxytune_jax import load_pretrained
+from proxytune_jax.toyworld.build import MODEL_NAMES, ToyWorldConfig, build_toyworld
+from proxytune_jax.toyworld.train import FitConfig
+from proxytune_jax.toyworld.world import WorldConfig
+
+if SIZE == "tiny":
+    config = ToyWorldConfig(
+        world=WorldConfig(num_people=24, corpus_docs=160, tune_examples=64, eval_questions=16),
+        pretrain=FitConfig(steps=30, batch_size=16, learning_rate=3e-3, warmup_steps=3),
+        tune=FitConfig(steps=10, batch_size=16, learning_rate=1e-3, warmup_steps=1))
+else:
+    config = ToyWorldConfig()
+t0 = time.perf_counter()
+tw = build_toyworld(config)
+models = {name: load_pretrained(tw.model_path(name)) for name in MODEL_NAMES}
+tok = tw.tokenizer
+questions = list(tw.world.heldout)
+print(f"toy world ready in {time.perf_counter() - t0:.1f}s ({tw.root})")
+print("example question:", questions[0].question, "->", questions[0].answer)'''
+
+PT_INTRO = """\
+# Proxy-tuning in the toy world
+
+Proxy-tuning (Liu et al. 2024) steers a large **base** model with the difference between a small **tuned**
+expert and its small **untuned** anti-expert, at decoding time only:
+
+$$\\log p_{\\text{proxy}}(x) = \\log p_{M}(x) + \\alpha\\,\\big(\\log p_{M^+}(x) - \\log p_{M^-}(x)\\big).$$
+
+Here the large base knows the held-out people's coins (from pretraining) but not the answer format; the small
+tuned model knows the format but not the facts. The notebook compares the base, the tuned models and the
+proxy-tuned large model on held-out questions, sweeps α, and tries DExperts. Every model keeps its own prompt:
+the expert reads the chat template, base and anti-expert the plain question (methods.md §1)."""
+
+PT_EVAL = '''\
+from proxytune_jax.eval import gap_closed
+from proxytune_jax.toyworld.evaluate import generate
+
+m = models
+runs = {
+    "base-large": generate([m["base-large"]], tok, questions, chat=[False]),
+    "tuned-small (expert)": generate([m["tuned-small"]], tok, questions, chat=[True]),
+    "proxy-tuned large": generate([m["base-large"], m["tuned-small"], m["base-small"]], tok, questions,
+                                  chat=[False, True, False], rule="proxy_tuning", fusion_params={"alpha": 1.0},
+                                  analysis=True),
+    "tuned-large (target)": generate([m["tuned-large"]], tok, questions, chat=[True]),
+}
+table = pd.DataFrame({"held-out accuracy": {k: r.accuracy for k, r in runs.items()}})
+gap = gap_closed(runs["base-large"].accuracy, runs["proxy-tuned large"].accuracy, runs["tuned-large (target)"].accuracy)
+print(f"gap closed: {gap:.2f}   top-1 tokens changed vs the base: {runs['proxy-tuned large'].changed_share:.1%}")
+table'''
+
+PT_EXAMPLES = '''\
+# What the models write for a few held-out questions.
+pd.DataFrame({"question": [q.question for q in questions[:4]],
+              "gold": [q.answer for q in questions[:4]],
+              **{k: r.completions[:4] for k, r in runs.items()}})'''
+
+PT_SWEEP = '''\
+# α sweep: α is a traced argument of the compiled decoder, so one TextGenerator serves every value.
+from proxytune_jax.decoding.pipeline import TextGenerator
+
+gen = TextGenerator([m["base-large"], m["tuned-small"], m["base-small"]], [tok] * 3, "proxy_tuning",
+                    chat_template=[False, True, False])
+alphas = [0.0, 0.25, 0.5, 1.0, 1.5, 2.0] if SIZE != "tiny" else [0.0, 1.0, 2.0]
+accs = [generate([], tok, questions, chat=[False, True, False], fusion_params={"alpha": a}, generator=gen).accuracy
+        for a in alphas]
+fig, ax = plt.subplots(figsize=(5, 3.2))
+ax.plot(alphas, accs, "o-", label="proxy-tuned large")
+ax.axhline(runs["base-large"].accuracy, color="gray", ls="--", label="base-large")
+ax.axhline(runs["tuned-large (target)"].accuracy, color="green", ls=":", label="tuned-large")
+ax.set_xlabel("alpha"); ax.set_ylabel("held-out accuracy"); ax.legend(fontsize=8); ax.set_ylim(-0.02, 1.02)
+plt.show()'''
+
+PT_RULES = '''\
+# Other decoding-time rules on the same three models (proxytune_jax.decoding.fusion): DExperts truncates the
+# base to its top-p nucleus before adding the expert difference (α 2, filter_p 0.9 by default).
+trio = [m["base-large"], m["tuned-small"], m["base-small"]]
+rules = {"proxy_tuning (alpha 1)": ("proxy_tuning", {"alpha": 1.0}),
+         "dexperts (alpha 2, p 0.9)": ("dexperts", {"alpha": 2.0, "filter_p": 0.9})}
+pd.DataFrame({"held-out accuracy": {
+    name: generate(trio, tok, questions, chat=[False, True, False], rule=rule, fusion_params=params).accuracy
+    for name, (rule, params) in rules.items()}})'''
+
+D_INTRO = """\
+# Knowledge distillation in the toy world
+
+The instruction-tuned large model (teacher) is distilled into the small *base* model (student) on the
+instruction data, with several losses of `proxytune_jax.losses` (methods.md §2): forward KL, reverse KL
+(MiniLLM), JS, TVD, skew KL (DistiLLM), generalized JSD (GKD), adaptive KL, and FIRST's top-5 teacher. Plain
+SFT on the gold answers is the baseline. We report held-out question accuracy (greedy generation), the
+response-token NLL and the calibration (ECE, reliability diagram) under teacher forcing."""
+
+D_SETUP = '''\
+import jax.numpy as jnp
+from flax import nnx
+
+from proxytune_jax.losses.first import topk_from_logits, topk_kl
+from proxytune_jax.toyworld.data import encode_instructions
+from proxytune_jax.toyworld.evaluate import generate
+from proxytune_jax.toyworld.train import fit
+from proxytune_jax.training.objectives import (model_logits, online_distillation_objective, sft_objective, shifted,
+                                               token_cross_entropy)
+from proxytune_jax.training.state import split_params
+
+teacher = models["tuned-large"]
+t_graph, t_params = split_params(teacher)
+train_data = encode_instructions(tok, tw.world.tune)
+heldout_data = encode_instructions(tok, tw.world.heldout)
+steps = 10 if SIZE == "tiny" else 150
+fit_cfg = FitConfig(steps=steps, batch_size=16 if SIZE == "tiny" else 32, learning_rate=1e-3,
+                    warmup_steps=max(1, steps // 10))
+
+
+def first_top5_objective(s_graph, t_graph, k=5, temperature=1.0):
+    """FIRST with the teacher's top-k computed on the fly (experiments/distill_first.py caches it on disk)."""
+    def loss_fn(params, frozen, batch, rng, extras):
+        labels, mask = shifted(batch)
+        student = model_logits(s_graph, params, batch)
+        t = topk_from_logits(jax.lax.stop_gradient(model_logits(t_graph, frozen["teacher"], batch)), k)
+        kd = topk_kl(student, t, mask, temperature=temperature, mode="renormalize")
+        ce = token_cross_entropy(student, labels, mask)
+        return kd, {"loss": kd, "topk_kl": kd, "ce": ce, "tokens": jnp.sum(mask, dtype=jnp.int32)}
+    return loss_fn
+
+
+LOSSES = {"forward_kl": {}, "reverse_kl": {}, "js_divergence": {}, "tv_distance": {},
+          "skew_forward_kl": {"alpha": 0.1}, "generalized_jsd": {"beta": 0.5}, "adaptive_kl": {"mu": 0.5}}
+if SIZE == "tiny":
+    LOSSES = {k: LOSSES[k] for k in ("reverse_kl",)}
+print(f"{len(train_data['input_ids'])} training rows, {steps} steps per loss")'''
+
+D_TRAIN = '''\
+students, curves = {}, {}
+s_graph, _ = split_params(models["base-small"])
+objectives = {"sft (gold answers)": (sft_objective(s_graph), None),
+              "first top-5": (first_top5_objective(s_graph, t_graph), {"teacher": t_params})}
+for name, kwargs in LOSSES.items():
+    objectives[name] = (online_distillation_objective(s_graph, t_graph, loss=name, loss_kwargs=kwargs),
+                        {"teacher": t_params})
+for name, (loss_fn, frozen) in objectives.items():
+    t0 = time.perf_counter()
+    init = load_pretrained(tw.model_path("base-small"))  # a fresh copy per run: training donates its buffers
+    students[name], curves[name] = fit(init, train_data, loss_fn, fit_cfg, frozen=frozen, desc=name)
+    print(f"{name:22s} final loss {curves[name][-1]:.4f}  ({time.perf_counter() - t0:.1f}s)")
+
+fig, ax = plt.subplots(figsize=(6, 3.5))
+for name, c in curves.items():
+    ax.plot(np.asarray(c) / max(c[0], 1e-9), label=name)
+ax.set_xlabel("step"); ax.set_ylabel("loss / initial loss"); ax.legend(fontsize=7); plt.show()'''
+
+D_EVAL = '''\
+from proxytune_jax.eval.calibration import expected_calibration_error, plot_reliability_diagram, top1_confidence_and_correct
+
+
+def teacher_forced(model, data):
+    """Response-token NLL and (confidence, correct) of the top-1 prediction, held-out gold answers."""
+    graph, params = split_params(model)
+    batch = {k: jnp.asarray(v) for k, v in data.items()}
+    logits = np.asarray(jax.jit(lambda p, b: model_logits(graph, p, b))(params, batch))
+    labels, mask = (np.asarray(x) for x in shifted(batch))
+    logp = logits - logits.max(-1, keepdims=True)
+    logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
+    nll = float(-(np.take_along_axis(logp, labels[..., None], -1)[..., 0] * mask).sum() / mask.sum())
+    return nll, top1_confidence_and_correct(logits, labels, mask)
+
+
+rows, diagram = {}, {}
+for name, model in {"teacher (tuned-large)": teacher, **students}.items():
+    nll, (conf, corr) = teacher_forced(model, heldout_data)
+    acc = generate([model], tok, questions, chat=[True]).accuracy
+    rows[name] = {"held-out accuracy": acc, "response NLL": nll, "ECE (10 bins)": expected_calibration_error(conf, corr, 10),
+                  "ECE (15 bins)": expected_calibration_error(conf, corr, 15)}
+    diagram[name] = (conf, corr)
+pd.DataFrame(rows).T'''
+
+D_PLOT = '''\
+from IPython.display import Image, display
+
+keep = ["teacher (tuned-large)", "sft (gold answers)", "forward_kl", "first top-5"]
+path = "reliability_toyworld.png"
+plot_reliability_diagram({k: diagram[k] for k in keep if k in diagram}, path, n_bins=10,
+                         title="held-out response tokens")
+display(Image(path))'''
+
+NOTEBOOKS = {
+    "proxy_tuning.ipynb": [("md", PT_INTRO), ("code", INSTALL), ("code", SETUP), ("code", WORLD), ("code", PT_EVAL),
+                           ("code", PT_EXAMPLES), ("code", PT_SWEEP), ("code", PT_RULES)],
+    "distillation.ipynb": [("md", D_INTRO), ("code", INSTALL), ("code", SETUP), ("code", WORLD), ("code", D_SETUP),
+                           ("code", D_TRAIN), ("code", D_EVAL), ("code", D_PLOT)],
+}
+
+
+def build(name: str) -> nbformat.NotebookNode:
+    nb = new_notebook()
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nb.metadata["language_info"] = {"name": "python"}
+    nb.metadata["accelerator"] = "GPU"  # Colab: ask for an accelerator (TPU works too; CPU is fine for "small")
+    for i, (kind, src) in enumerate(NOTEBOOKS[name]):
+        cell = new_markdown_cell(src) if kind == "md" else new_code_cell(src)
+        cell["id"] = f"cell-{i}"  # stable ids: regenerating gives identical files
+        if kind == "code" and src is INSTALL:
+            cell.metadata["tags"] = ["colab-install"]
+        nb.cells.append(cell)
+    return nb
+
+
+def main(argv=None) -> int:
+    for name in NOTEBOOKS:
+        nbformat.write(build(name), HERE / name)
+        print("wrote", HERE / name)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
