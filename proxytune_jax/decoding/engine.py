@@ -24,6 +24,7 @@ step for the pair, same bytes read); ``Decoder(group_same_architecture=False)`` 
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 from typing import Any, Mapping, Sequence
@@ -394,7 +395,7 @@ class Decoder:
         ids, masks, fp, sampling, stop, key = self._inputs(prompts, fusion_params, sampling, stop, seed)
         b = ids[0].shape[0]
         caches = self.init_caches(b, [x.shape[1] for x in ids], max_new_tokens)
-        ctx = jax.set_mesh(self.mesh) if self.mesh is not None else _nullcontext()
+        ctx = jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
         with ctx:
             out, _ = decode_jit(params=self.params, prompt_ids=ids, prompt_masks=masks, caches=caches,
                                 fusion_params=fp, sampling=sampling, stop=stop, key=key,
@@ -420,7 +421,7 @@ class Decoder:
         b = ids[0].shape[0]
         shapes = tuple(tuple(self._cache_shape(i, b, x.shape[1] + max_new_tokens).items())
                        for i, x in enumerate(ids))
-        ctx = jax.set_mesh(self.mesh) if self.mesh is not None else _nullcontext()
+        ctx = jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
         with ctx:
             out = decode_sweep_jit(params=self.params, prompt_ids=ids, prompt_masks=masks,
                                    cache_shapes=tuple(_HashableShape(s) for s in shapes), fusion_params=fp,
@@ -438,14 +439,6 @@ class _HashableShape(dict):
 
     def __hash__(self):
         return hash(tuple(sorted((k, str(v)) for k, v in self.items())))
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _to_host(out: DecodeOutput) -> DecodeResult:
