@@ -127,3 +127,63 @@ def test_user_errors_leave_no_output(case, dirs, prompts_file, tmp_path, capsys)
     assert "Traceback" not in cap.err
     assert not out.exists()
     assert not list(tmp_path.glob(".out.jsonl.*"))
+
+
+def _engine_tokens(model_dirs, rule, params, prompt, max_new_tokens):
+    """The engine run directly on one prompt (the reference for the command's output)."""
+    from transformers import AutoTokenizer
+    from proxytune_jax.decoding.prompts import bucket_length
+    tok = AutoTokenizer.from_pretrained(model_dirs[0])
+    dec = Decoder([load_pretrained(d) for d in model_dirs], rule)
+    ids = encode_prompt(tok, prompt, chat_template=False)
+    batch = left_pad([ids], bucket_length(len(ids)), 0)
+    res = dec.generate([batch] * len(model_dirs), max_new_tokens=max_new_tokens, fusion_params=params,
+                       stop=make_stop_criteria([2]))
+    return res.token_lists()[0]
+
+
+@pytest.mark.parametrize("rule,flags,params", [
+    ("contrastive", ["--amateur", "anti"], {"lam": 0.7, "plausibility": 0.2}),
+    ("small_large_temperature", ["--small", "expert"], {"lam": 0.3, "temperature": 1.5}),
+    ("eft", ["--expert", "expert", "--anti-expert", "anti", "--expert", "anti", "--anti-expert", "expert"],
+     {"weights": [1.0, 0.5]}),
+])
+def test_every_rule_reachable_from_the_command(rule, flags, params, dirs, tmp_path, capsys):
+    """Rules beyond proxy-tuning: the model roles come from their flags (the large model is --target) and
+    --param sets the rule's hyperparameters; the tokens equal the engine's with the same models and params."""
+    out = tmp_path / "out.jsonl"
+    argv = ["--target", dirs["target"], "--rule", rule]
+    for i in range(0, len(flags), 2):
+        argv += [flags[i], dirs[flags[i + 1]]]
+    for k, v in params.items():
+        argv += ["--param", f"{k}={','.join(map(str, v)) if isinstance(v, list) else v}"]
+    code, cap = _run([*argv, "--prompt", "the quick", "--max-new-tokens", 6, "--output", out], capsys)
+    assert code == 0, cap.err
+    got = json.loads(out.read_text())["token_ids"]
+    order = [dirs["target"]] + [dirs[flags[i + 1]] for i in range(0, len(flags), 2)]
+    if rule == "small_large_temperature":  # roles (small, large)
+        order = order[::-1]
+    assert got == _engine_tokens(order, rule, params, "the quick", 6)
+
+
+@pytest.mark.parametrize("case", ["unused_flag", "missing_flag", "unknown_param", "bad_param", "eft_weights",
+                                  "small_without_rule", "plain_with_alpha"])
+def test_rule_flag_errors(case, dirs, tmp_path, capsys):
+    out = tmp_path / "out.jsonl"
+    t, e, a = dirs["target"], dirs["expert"], dirs["anti"]
+    argv, message = {
+        "unused_flag": (["--target", t, "--rule", "contrastive", "--amateur", a, "--small", e],
+                        "--rule contrastive takes --target DIR --amateur DIR; drop --small"),
+        "missing_flag": (["--target", t, "--rule", "small_large_direct"], "--small is missing"),
+        "unknown_param": (["--target", t, "--expert", e, "--anti-expert", a, "--param", "lam=1"],
+                          r"has no hyperparameter\(s\) \['lam'\]"),
+        "bad_param": (["--target", t, "--amateur", a, "--param", "lam"], "write NAME=VALUE"),
+        "eft_weights": (["--target", t, "--rule", "eft", "--expert", e, "--anti-expert", a, "--param",
+                         "weights=1,2"], "need as many weights"),
+        "small_without_rule": (["--target", t, "--small", e], "--small needs --rule"),
+        "plain_with_alpha": (["--target", t, "--alpha", 0.5], "--rule plain has no hyperparameters"),
+    }[case]
+    code, cap = _run([*argv, "--prompt", "hi", "--max-new-tokens", 3, "--output", out], capsys)
+    import re
+    assert code == 2 and re.search(message, cap.err), cap.err
+    assert not out.exists()

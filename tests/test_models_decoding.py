@@ -58,7 +58,7 @@ def test_incremental_decoding_matches_full_forward(kind, models):
     full, _ = run(model, ids, mask)
 
     cache = model.init_cache(2, 16)
-    assert cache.k[0].shape == (2, 16, model.config.num_key_value_heads, model.config.head_dim)
+    assert cache.k[0].shape == (2, model.config.num_key_value_heads, 16, model.config.head_dim)
     pieces = []
     for start, stop in [(0, 6), (6, 8), (8, 9), (9, 10)]:
         logits, cache = run(model, ids[:, start:stop], mask[:, start:stop], cache)

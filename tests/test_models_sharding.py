@@ -47,7 +47,7 @@ def test_llama2_70b_forward_shapes_without_materialising():
     cache = jax.eval_shape(lambda: model.init_cache(1, 32))
     logits, new_cache = jax.eval_shape(logits_fn, state, jax.ShapeDtypeStruct((1, 16), jnp.int32), cache)
     assert logits.shape == (1, 16, 32000) and logits.dtype == jnp.float32
-    assert new_cache.k[1].shape == (1, 32, 8, 128) and new_cache.k[1].dtype == jnp.bfloat16
+    assert new_cache.k[1].shape == (1, 8, 32, 128) and new_cache.k[1].dtype == jnp.bfloat16
 
 
 def test_70b_rules_shard_every_matrix():

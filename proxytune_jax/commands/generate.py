@@ -4,9 +4,21 @@
         [--expert-chat-template] (--prompt TEXT | --prompts FILE.jsonl) --max-new-tokens N [--temperature 0]
         [--top-p 1.0] [--top-k 0] [--seed 0] [--batch-size 8] [--stop STR ...] [--analysis] --output OUT.jsonl
 
-With only ``--target`` it is plain decoding of that model. Every user mistake is found before anything is
-written (and before the models are loaded where possible); the output is written to a temporary file in the
-output folder and renamed at the end, so a failed run never leaves a partial file.
+With only ``--target`` it is plain decoding of that model. Every fusion rule of
+:mod:`proxytune_jax.decoding.fusion` is reachable with ``--rule``; the large model is always ``--target``
+and the other roles have their own flags (:func:`role_flag`)::
+
+    --rule proxy_tuning | dexperts   --target BASE --expert TUNED --anti-expert UNTUNED
+    --rule eft                       --target BASE (--expert E --anti-expert A)... --param weights=1,0.5
+    --rule contrastive               --target EXPERT --amateur SMALL
+    --rule small_large_{direct,temperature,low_confidence,kl}   --target LARGE --small SMALL
+
+Hyperparameters: ``--alpha A`` (the α of proxy_tuning / dexperts) or ``--param NAME=VALUE`` for any rule's
+own (``lam``, ``temperature``, ``theta``, ``plausibility``, ``weights`` as a comma list, ...).
+
+Every user mistake is found before anything is written (and before the models are loaded where possible);
+the output is written to a temporary file in the output folder and renamed at the end, so a failed run never
+leaves a partial file.
 Output lines: ``{"prompt", "completion", "token_ids", "finish_reason"}`` (``finish_reason``: "eos", "stop"
 for a stop string, "length"); ``--analysis`` adds per-token top-1 ids, chosen-token probabilities of each
 model and whether the combined top-1 differs from the target's.
@@ -22,17 +34,34 @@ from pathlib import Path
 
 from proxytune_jax.errors import UserError
 
-THREE_MODEL_RULES = ("proxy_tuning", "dexperts")  # rules taking (base, expert, anti_expert)
+ROLE_FLAGS = {"expert": "--expert", "anti_expert": "--anti-expert", "small": "--small", "amateur": "--amateur"}
+MODEL_FLAGS = ("--target", "--expert", "--anti-expert", "--small", "--amateur")
+
+
+def role_flag(rule_name: str, role: str) -> str:
+    """The flag giving a rule's model ``role``: the large model (base / large / the contrastive expert) is
+    always ``--target``."""
+    if role in ("base", "model", "large") or (rule_name == "contrastive" and role == "expert"):
+        return "--target"
+    return ROLE_FLAGS[role]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target", required=True, help="the base (large) model folder")
-    parser.add_argument("--expert", help="the tuned small model folder")
-    parser.add_argument("--anti-expert", dest="anti_expert", help="the untuned small model folder")
-    parser.add_argument("--rule", default=None, choices=THREE_MODEL_RULES + ("plain",),
-                        help="fusion rule (default: proxy_tuning with an expert pair, plain without)")
+    parser.add_argument("--expert", action="append", default=[],
+                        help="the tuned small model folder (repeat with --anti-expert for several pairs, --rule eft)")
+    parser.add_argument("--anti-expert", dest="anti_expert", action="append", default=[],
+                        help="the untuned small model folder")
+    parser.add_argument("--small", help="the small model folder of the small_large_* fusions")
+    parser.add_argument("--amateur", help="the amateur (small) model folder of contrastive decoding")
+    from proxytune_jax.decoding.fusion import FUSION_RULES
+    parser.add_argument("--rule", default=None, choices=sorted(FUSION_RULES),
+                        help="fusion rule (default: proxy_tuning with an expert pair, contrastive with --amateur, "
+                             "plain with --target alone)")
     parser.add_argument("--alpha", type=float, default=None,
                         help="strength α of the expert/anti-expert offset (default: the rule's, 1.0 for proxy_tuning)")
+    parser.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
+                        help="a hyperparameter of the rule, e.g. lam=0.5 or weights=1,0.5 (repeatable)")
     parser.add_argument("--expert-chat-template", action="store_true",
                         help="wrap the expert's prompt in its tokenizer's chat template (as in the paper)")
     src = parser.add_mutually_exclusive_group(required=True)
@@ -64,15 +93,71 @@ def check_numbers(args) -> None:
         raise UserError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
-    if bool(args.expert) != bool(args.anti_expert):
-        raise UserError("give both --expert and --anti-expert (the tuned and untuned small models), or neither "
-                        "for plain decoding of --target")
-    if not args.expert and args.rule not in (None, "plain"):
-        raise UserError(f"--rule {args.rule} needs --expert and --anti-expert")
-    if args.expert and args.rule == "plain":
-        raise UserError("--rule plain decodes --target alone; drop --expert/--anti-expert or pick another rule")
+    if len(args.expert) != len(args.anti_expert):
+        raise UserError("give both --expert and --anti-expert (the tuned and untuned small models), as many of "
+                        "each, or neither for plain decoding of --target")
     if args.expert_chat_template and not args.expert:
         raise UserError("--expert-chat-template needs --expert")
+
+
+def pick_rule(args) -> str:
+    if args.rule:
+        return args.rule
+    if args.expert:
+        return "proxy_tuning"
+    if args.amateur:
+        return "contrastive"
+    if args.small:
+        raise UserError("--small needs --rule: one of small_large_direct, small_large_temperature, "
+                        "small_large_low_confidence, small_large_kl")
+    return "plain"
+
+
+def model_flags(args, rule_name: str) -> list[tuple[str, str]]:
+    """``(flag, folder)`` per model, in the rule's role order; refuses missing and unused model flags."""
+    from proxytune_jax.decoding.fusion import get_rule
+    rule = get_rule(rule_name)
+    given = {"--target": [args.target], "--expert": list(args.expert), "--anti-expert": list(args.anti_expert),
+             "--small": [args.small] if args.small else [], "--amateur": [args.amateur] if args.amateur else []}
+    roles = list(rule.roles)
+    if rule.variadic:  # base, then any number of (expert, anti_expert) groups
+        pairs = max(1, len(args.expert))
+        roles = roles[:1] + roles[1:] * pairs
+    flags = [role_flag(rule.name, r) for r in roles]
+    needed = {f: flags.count(f) for f in MODEL_FLAGS}
+    wanted = " ".join(f"{f} DIR" for f in flags)
+    for f in MODEL_FLAGS:
+        if len(given[f]) < needed[f]:
+            raise UserError(f"--rule {rule.name} needs {wanted}; {f} is missing")
+        if len(given[f]) > needed[f]:
+            hint = ("; --rule plain decodes --target alone" if rule.name == "plain" else "")
+            raise UserError(f"--rule {rule.name} takes {wanted}; drop {f} or pick another rule{hint}")
+    taken = {f: iter(v) for f, v in given.items()}
+    return [(f, next(taken[f])) for f in flags]
+
+
+def parse_rule_params(args, rule_name: str) -> dict | None:
+    """``--alpha`` and ``--param NAME=VALUE`` as the rule's hyperparameters (checked against the rule)."""
+    from proxytune_jax.decoding.fusion import resolve_params
+    params: dict = {}
+    if args.alpha is not None:
+        params["alpha"] = args.alpha
+    for item in args.param:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise UserError(f"--param {item!r}: write NAME=VALUE, e.g. --param lam=0.5")
+        try:
+            parts = [float(x) for x in value.split(",")]
+        except ValueError:
+            raise UserError(f"--param {item!r}: {value!r} is not a number (or a comma list of numbers)") from None
+        params[name.strip()] = parts if (len(parts) > 1 or name.strip() == "weights") else parts[0]
+    if rule_name == "plain" and params:
+        raise UserError("--rule plain has no hyperparameters; drop --alpha/--param")
+    if rule_name == "eft" and len(params.get("weights", [])) != len(args.expert):
+        raise UserError(f"--rule eft: {len(args.expert)} expert/anti-expert pair(s) need as many weights, e.g. "
+                        f"--param weights={','.join(['1'] * max(1, len(args.expert)))}")
+    resolve_params(rule_name, params)  # unknown names, missing required ones, non-finite values
+    return params or None
 
 
 def read_prompts(args) -> list[str]:
@@ -127,12 +212,11 @@ def run(args) -> int:
     if not out_path.parent.exists():
         raise UserError(f"--output {out_path}: folder {out_path.parent} does not exist; create it first")
 
-    flags = [("--target", args.target)]
-    if args.expert:
-        flags += [("--expert", args.expert), ("--anti-expert", args.anti_expert)]
+    rule = pick_rule(args)
+    flags = model_flags(args, rule)
+    fusion_params = parse_rule_params(args, rule)
     dirs = [check_model_dir(f, v) for f, v in flags]
     tokenizers = [load_tokenizer(f, d) for (f, _), d in zip(flags, dirs)]
-    rule = args.rule or ("proxy_tuning" if args.expert else "plain")
 
     # Cheap checks on configs before loading weights: tokenizers agree, prompts fit the contexts.
     from proxytune_jax.decoding.vocab import align_vocabularies
@@ -153,14 +237,13 @@ def run(args) -> int:
         gen_cfg = json.loads(gpath.read_text())
     eos = eos_ids_for(configs[0], tokenizers[0], gen_cfg)
 
-    chat = [False, bool(args.expert_chat_template), False][: len(dirs)]
+    chat = [bool(args.expert_chat_template) and f == "--expert" for f, _ in flags]
     encoded = encode_for_models(tokenizers, prompts, chat_template=chat,
                                 contexts=[int(c.max_position_embeddings) for c in configs], names=names,
                                 max_new_tokens=args.max_new_tokens)
 
     models = [load_pretrained(d) for d in dirs]
     gen = TextGenerator(models, tokenizers, rule, chat_template=chat, names=names, eos_ids=eos)
-    fusion_params = {"alpha": args.alpha} if (args.alpha is not None and rule != "plain") else None
     n_batches = math.ceil(len(prompts) / args.batch_size)
     with tqdm(total=n_batches, desc="generate", unit="batch") as bar:
         results = gen.generate(prompts, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,

@@ -226,7 +226,7 @@ def eos_ids_of(config) -> list[int]:
 
 
 CACHE_RULES = (
-    (r"^(k|v)/", P(BATCH_AXES, None, "tensor", None)),  # [B, S, Hkv, D]
+    (r"^(k|v)/", P(BATCH_AXES, "tensor", None, None)),  # [B, Hkv, S, D]
     (r"^mask", P(BATCH_AXES, None)),  # [B, S]
 )
 BATCH_RULES = ((r".*", P(BATCH_AXES, None)),)

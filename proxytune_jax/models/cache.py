@@ -19,8 +19,8 @@ import jax.numpy as jnp
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class KVCache:
-    k: tuple[jax.Array, ...]  # per layer [B, S, Hkv, D]
-    v: tuple[jax.Array, ...]  # per layer [B, S, Hkv, D]
+    k: tuple[jax.Array, ...]  # per layer [B, Hkv, S, D] (heads first: attention reads it with no transpose)
+    v: tuple[jax.Array, ...]  # per layer [B, Hkv, S, D]
     mask: jax.Array  # [B, S] bool: slot holds a real token
     length: jax.Array  # [] int32: slots written so far (shared by all rows)
 
@@ -35,7 +35,7 @@ class KVCache:
     @classmethod
     def zeros(cls, *, num_layers: int, batch_size: int, max_length: int, num_kv_heads: int,
               head_dim: int, dtype=jnp.float32) -> "KVCache":
-        shape = (batch_size, max_length, num_kv_heads, head_dim)
+        shape = (batch_size, num_kv_heads, max_length, head_dim)
         return cls(
             k=tuple(jnp.zeros(shape, dtype) for _ in range(num_layers)),
             v=tuple(jnp.zeros(shape, dtype) for _ in range(num_layers)),

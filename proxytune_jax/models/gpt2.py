@@ -17,7 +17,7 @@ from jax.sharding import PartitionSpec as P
 from proxytune_jax.errors import UserError
 from proxytune_jax.models.cache import KVCache
 from proxytune_jax.models.layers import (AttentionLayout, CausalLM, Embed, LayerNorm, Linear, attend, check_lengths,
-                                         root_key, split_key, write_kv)
+                                         heads_first, root_key, split_key, write_kv)
 
 ACTIVATIONS = {
     "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
@@ -121,8 +121,9 @@ class GPT2Attention(nnx.Module):
         b, t, d = x.shape
         q, k, v = jnp.split(self.c_attn(x), 3, axis=-1)  # 3 x [B, T, D]
         q, k, v = (y.reshape(b, t, self.num_heads, self.head_dim) for y in (q, k, v))  # [B, T, H, Dh]
+        k, v = heads_first(k), heads_first(v)  # [B, H, T, Dh]
         if kv is not None:
-            k, v = write_kv(kv[0], kv[1], k, v, write_at)  # [B, S, H, Dh]
+            k, v = write_kv(kv[0], kv[1], k, v, write_at)  # [B, H, S, Dh]
         out = attend(q, k, v, allowed, scale=self.scale)  # [B, T, H, Dh]
         return self.c_proj(out.reshape(b, t, d)), (k, v)
 

@@ -21,7 +21,7 @@ from jax.sharding import PartitionSpec as P
 from proxytune_jax.errors import UserError
 from proxytune_jax.models.cache import KVCache
 from proxytune_jax.models.layers import (AttentionLayout, CausalLM, Embed, Linear, RMSNorm, attend, check_lengths,
-                                         root_key, split_key, write_kv)
+                                         heads_first, root_key, split_key, write_kv)
 
 MODEL_TYPES = ("llama", "mistral", "qwen2")
 ROPE_TYPES = ("default", "linear", "llama3")
@@ -238,14 +238,15 @@ class LlamaAttention(nnx.Module):
         self.o_proj = Linear(h * dh, d, use_bias=config.o_bias, dtype=dtype, key=ko)
 
     def __call__(self, x, cos, sin, allowed, kv=None, write_at=None):
-        """x [B, T, D]; allowed [B, T, S]; kv: this layer's cache (k, v) [B, S, K, Dh] or None."""
+        """x [B, T, D]; allowed [B, T, S]; kv: this layer's cache (k, v) [B, K, S, Dh] or None."""
         b, t, _ = x.shape
         q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)  # [B, T, H, Dh]
         k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)  # [B, T, K, Dh]
         v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)  # [B, T, K, Dh]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        k, v = heads_first(k), heads_first(v)  # [B, K, T, Dh]
         if kv is not None:
-            k, v = write_kv(kv[0], kv[1], k, v, write_at)  # [B, S, K, Dh]
+            k, v = write_kv(kv[0], kv[1], k, v, write_at)  # [B, K, S, Dh]
         out = attend(q, k, v, allowed, scale=self.head_dim ** -0.5)  # [B, T, H, Dh]
         return self.o_proj(out.reshape(b, t, -1)), (k, v)
 

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from proxytune_jax.errors import UserError
+from proxytune_jax.models.layers import lm_logits
 
 _LOSS_MODULES = ("proxytune_jax.losses", "proxytune_jax.losses.divergences", "proxytune_jax.losses.sinkd",
                  "proxytune_jax.losses.first", "proxytune_jax.losses.bayesian")
@@ -78,10 +79,14 @@ def token_cross_entropy(logits: jax.Array, labels: jax.Array, mask: jax.Array) -
 
 
 def model_logits(graphdef: nnx.GraphDef, params: Any, batch: dict) -> jax.Array:
-    """Logits ``[B, T-1, V]`` (fp32) of the positions that predict tokens 1..T-1."""
+    """Logits ``[B, T-1, V]`` (fp32) of the positions that predict tokens 1..T-1.
+
+    The last position is dropped from the hidden states *before* the output projection (same values as
+    slicing ``model(...)`` logits), so no ``[B, T, V]`` slice runs forward and no pad of the ``[B, T-1, V]``
+    cotangent runs backward."""
     model = nnx.merge(graphdef, params)
-    logits, _ = model(batch["input_ids"], batch["attention_mask"])
-    return logits[:, :-1].astype(jnp.float32)
+    h, _ = model.hidden_states(batch["input_ids"], batch["attention_mask"])  # [B, T, D]
+    return lm_logits(h[:, :-1], model.lm_head_weight())  # [B, T-1, V] float32
 
 
 def sft_objective(graphdef: nnx.GraphDef) -> Callable:
