@@ -7,7 +7,8 @@ import pytest
 from proxytune_jax import cli
 
 MODELS = ("base-small", "base-large", "tuned-small", "proxy-tuned-large", "tuned-large")
-METHODS = ("sft", "forward_kl", "reverse_kl", "js", "tvd", "generalized_jsd", "sinkd", "first_top5", "bayesian")
+METHODS = ("sft", "forward_kl", "reverse_kl", "js", "tvd", "generalized_jsd", "sinkd", "first_top5", "first_top5_tail",
+           "bayesian")
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +47,8 @@ def test_demo_quick_writes_complete_results(demo_run):
     assert len(r["examples"]) == 2 and all(set(MODELS[1:]) <= set(ex) for ex in r["examples"])
     d = r["distillation"]
     assert set(d["methods"]) == set(METHODS)
-    assert math.isfinite(d["first_teacher_temperature"]) and d["first_teacher_temperature"] > 0
+    for key in ("first_teacher_temperature", "first_tail_teacher_temperature"):
+        assert math.isfinite(d[key]) and d[key] > 0
     for method, entry in d["methods"].items():
         assert _unit(entry["accuracy"]["mean"]), method
         assert math.isfinite(entry["nll"]["mean"]) and entry["nll"]["mean"] > 0, method
@@ -67,3 +69,20 @@ def test_second_build_reuses_the_cache(demo_run):
     model = tw.load("tuned-large")
     assert model.config.vocab_size == len(tw.tokenizer)
     assert (tw.model_path("tuned-large") / "config.json").is_file()
+
+
+@pytest.mark.slow
+def test_second_run_reuses_the_distillation_table(demo_run, tmp_path):
+    """A second run reads the cached students' scores (same numbers); a table folder without its manifest
+    (an interrupted run) is not trusted."""
+    _, out, cache = demo_run
+    first = json.loads((out / "results.json").read_text())
+    assert first["distillation"]["cached"] is False
+    tables = list(cache.glob("*/distill/*/manifest.json"))
+    assert len(tables) == 1
+    code = cli.main(["demo", "--quick", "--out", str(tmp_path), "--cache-dir", str(cache), "--no-progress"])
+    assert code == 0
+    again = json.loads((tmp_path / "results.json").read_text())
+    assert again["timings"]["toyworld_cached"] is True and again["distillation"]["cached"] is True
+    assert again["distillation"]["methods"] == first["distillation"]["methods"]
+    assert again["proxy_tuning"] == first["proxy_tuning"]  # decoding is deterministic (greedy)

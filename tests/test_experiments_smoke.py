@@ -43,7 +43,7 @@ def in_unit(x) -> bool:
 
 def test_every_script_is_covered():
     covered = {"proxy_tune_llama2", "summarization_fusion", "code_adaptation", "task_tuning",
-               "distill_sinkd_glue", "distill_losses", "distill_first", "distill_bayesian"}
+               "distill_sinkd_glue", "distill_losses", "distill_first", "distill_bayesian", "toyworld_seeds"}
     assert set(SCRIPTS) <= covered, f"add a smoke test for {sorted(set(SCRIPTS) - covered)}"
     for name in SCRIPTS:
         doc = (REPO / "experiments" / f"{name}.py").read_text()
@@ -118,3 +118,12 @@ def test_distill_bayesian(tmp_path):
     assert r["corpus_size"] > 0
     for name in ("sft", "bayesian"):
         assert in_unit(r["runs"][name]["exact_match"])
+
+
+def test_toyworld_seeds(tmp_path):
+    r = run_smoke("toyworld_seeds", tmp_path)
+    (row,) = r["per_seed"].values()
+    assert all(in_unit(row[k]) for k in ("base-large", "tuned-small", "proxy-tuned-large", "tuned-large"))
+    for b in ("base-large", "tuned-small"):  # margins are the differences of the accuracies above
+        assert r["summary"][b]["margins"] == [pytest.approx(row["proxy-tuned-large"] - row[b])]
+        assert isinstance(r["summary"][b]["holds"], bool)

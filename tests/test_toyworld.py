@@ -7,11 +7,11 @@ import pytest
 from proxytune_jax import losses
 from proxytune_jax.eval import extract_answer
 from proxytune_jax.toyworld.data import concat, encode_corpus, encode_instructions
-from proxytune_jax.toyworld.distill import METHODS, objective
+from proxytune_jax.toyworld.distill import METHODS, SINKD_ROWS, objective
 from proxytune_jax.toyworld.tokenizer import train_tokenizer
 from proxytune_jax.toyworld.world import WorldConfig, build_world
 
-CFG = WorldConfig(num_people=40, corpus_docs=200, facts_per_doc=4, tune_examples=50, eval_questions=20, seed=3)
+CFG = WorldConfig(num_people=40, corpus_docs=200, tune_examples=50, eval_questions=20, seed=3)
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +39,11 @@ def test_world_is_deterministic_and_consistent(world):
     text = " ".join(world.corpus)
     for person, n in world.coins.items():  # every held-out fact is in the raw corpus, with the right count
         assert person in text
-        assert f"{person} has {n} coins" in text or f"of {person} are {n}" in text or f"{person} owns {n}" in text
+        assert f"{person} has {n} coins" in text  # the very words of the worked answers
+    for q in world.heldout:  # a worked answer repeats the raw statements, then adds the sum and "#### N" lines
+        for name in q.names:
+            assert f"{name} has {world.coins[name]} coins ." in q.answer
+    assert all(len(p.split()) == 2 for p in world.coins)  # two-token names: a fact is keyed by a token pair
     assert build_world(WorldConfig(**{**CFG.__dict__, "seed": 4})).coins != world.coins
 
 
@@ -121,12 +125,38 @@ def test_objectives_match_the_library_losses(tiny_batch, method):
         "js": losses.js_divergence(s, t, m),
         "tvd": losses.tv_distance(s, t, m),
         "generalized_jsd": losses.generalized_jsd(s, t, m, beta=0.5),
-        "sinkd": 0.5 * losses.forward_kl(s, t, m) + 0.5 * ce + 0.8 * losses.sinkd(s, t, m, weight=0.0008),
+        "sinkd": (0.5 * losses.forward_kl(s, t, m) + 0.5 * ce
+                  + 0.8 * losses.sinkd(s[:SINKD_ROWS], t[:SINKD_ROWS], m[:SINKD_ROWS], weight=0.0008)),
         "first_top5": losses.topk_kl(s, losses.TopKTeacher(batch["topk_ids"], batch["topk_logp"]), m,
                                      temperature=0.7),
+        "first_top5_tail": losses.topk_kl(s, losses.TopKTeacher(batch["topk_ids"], batch["topk_logp"]), m,
+                                          temperature=0.7, mode="tail_bucket"),
         "bayesian": losses.bayesian_kd(s, labels, losses.SparseDist(batch["prior_ids"], batch["prior_probs"]),
                                        losses.SparseDist(batch["post_ids"], batch["post_probs"]), m),
     }[method]
     assert np.isfinite(float(loss)) and float(loss) > 0
     np.testing.assert_allclose(float(loss), float(want), rtol=2e-5)
     assert int(metrics["tokens"]) == int(m.sum())
+
+
+def test_vmapped_students_train_like_separate_runs(tiny_batch):
+    """Stacking seeds under vmap must not couple them (e.g. through global-norm clipping): seed 1 trained
+    alongside seed 0 ends where seed 1 trained alone ends."""
+    from proxytune_jax.toyworld.distill import train_students
+    from proxytune_jax.toyworld.train import FitConfig
+
+    model, batch = tiny_batch
+    from flax import nnx
+
+    graphdef = nnx.split(model)[0]
+    data = {k: np.asarray(batch[k]) for k in ("input_ids", "attention_mask", "loss_mask", "teacher_logits")}
+    cfg = FitConfig(steps=3, batch_size=2, learning_rate=5e-2, warmup_steps=1)
+    loss_fn = objective("forward_kl", graphdef)
+    _, both, losses_both = train_students(model, data, loss_fn, cfg, (0, 1), chunk=2, progress=False)
+    _, alone, losses_alone = train_students(model, data, loss_fn, cfg, (1,), chunk=3, progress=False)
+    assert losses_both.shape == (3, 2) and losses_alone.shape == (3, 1)
+    np.testing.assert_allclose(losses_both[:, 1], losses_alone[:, 0], rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(both), jax.tree.leaves(alone)):
+        np.testing.assert_allclose(np.asarray(a)[1], np.asarray(b)[0], rtol=1e-4, atol=1e-6)
+    moved = [float(np.abs(np.asarray(a)[0] - np.asarray(a)[1]).max()) for a in jax.tree.leaves(both)]
+    assert max(moved) > 0  # different data orders give different students

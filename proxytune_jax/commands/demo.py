@@ -44,7 +44,7 @@ def configs(quick: bool, world_seed: int) -> DemoConfig:
     from proxytune_jax.toyworld.world import WorldConfig
 
     if quick:
-        world = WorldConfig(num_people=60, corpus_docs=600, facts_per_doc=4, tune_examples=160,
+        world = WorldConfig(num_people=60, corpus_docs=600, tune_examples=160,
                             eval_questions=24, seed=world_seed)
         tw = ToyWorldConfig(world=world, small=ModelSize(16, 1, 2, 32), large=ModelSize(32, 1, 2, 64),
                             pretrain=FitConfig(steps=60, batch_size=32, learning_rate=3e-3, warmup_steps=5),
@@ -52,8 +52,9 @@ def configs(quick: bool, world_seed: int) -> DemoConfig:
                             seed=world_seed)
         return DemoConfig(tw, FitConfig(steps=8, batch_size=32, learning_rate=1e-3, warmup_steps=1),
                           (0.5, 1.0, 2.0), 2)
-    tw = ToyWorldConfig(world=WorldConfig(num_people=500, facts_per_doc=4, seed=world_seed), seed=world_seed)
-    return DemoConfig(tw, FitConfig(steps=200, batch_size=32, learning_rate=1e-3, warmup_steps=10), ALPHAS, 4)
+    # The full world is ToyWorldConfig's defaults (see toyworld/build.py for why each size is what it is).
+    tw = ToyWorldConfig(world=WorldConfig(seed=world_seed), seed=world_seed)
+    return DemoConfig(tw, FitConfig(steps=150, batch_size=32, learning_rate=3e-3, warmup_steps=10), ALPHAS, 4)
 
 
 def _mean_std(xs):
@@ -74,7 +75,7 @@ def run(args) -> int:
     t_start = time.perf_counter()
     from proxytune_jax.eval import plot_reliability_diagram
     from proxytune_jax.toyworld.build import build_toyworld
-    from proxytune_jax.toyworld.distill import LABELS, METHODS, distill_students
+    from proxytune_jax.toyworld.distill import LABELS, METHODS, distill_cached
     from proxytune_jax.toyworld.proxy import plot_alpha_sweep, run_proxy_tuning
 
     out: Path = args.out
@@ -131,9 +132,12 @@ def run(args) -> int:
     # ---------------------------------------------------------------------------------- distillation
     if not args.skip_distillation:
         print(f"\ndistillation: student = base-small, teacher = tuned-large, seeds {list(seeds)}...")
-        scores, info = distill_students(models["base-small"], models["tuned-large"], models["tuned-small"],
-                                        tw.tokenizer, list(tw.world.tune), questions, methods=METHODS,
-                                        seeds=seeds, fit_config=distill_fit, progress=progress)
+        t_distill = time.perf_counter()
+        scores, info = distill_cached(tw.root, tw.config.digest(), models["base-small"], models["tuned-large"],
+                                      models["tuned-small"], tw.tokenizer, list(tw.world.tune), questions,
+                                      methods=METHODS, seeds=seeds, fit_config=distill_fit, progress=progress)
+        if info["cached"]:
+            print("(distillation table reused from the cache)")
         table, drows = {}, []
         for method in METHODS:
             per_seed = scores[method]
@@ -149,17 +153,21 @@ def run(args) -> int:
             drows.append([LABELS[method]] + [f"{entry[k]['mean']:.3f} ± {entry[k]['std']:.3f}"
                                              for k in ("accuracy", "nll", "ece10", "ece15")])
         print(_table(["objective", "accuracy", "NLL/token", "ECE (10 bins)", "ECE (15 bins)"], drows))
-        print(f"FIRST teacher temperature (fitted on held-out answers): {info['first_teacher_temperature']:.3f}")
+        print(f"FIRST teacher temperature τ (fitted on held-out answers): {info['first_teacher_temperature']:.3f} "
+              f"(renormalize), {info['first_tail_teacher_temperature']:.3f} (tail bucket)")
         import numpy as np
 
         curves = {name: (np.concatenate([scores[m][s].confidences for s in seeds]),
                          np.concatenate([scores[m][s].correct for s in seeds]))
-                  for name, m in (("SFT", "sft"), ("FIRST top-5", "first_top5"))}
+                  for name, m in (("SFT", "sft"), ("FIRST top-5", "first_top5"),
+                                  ("FIRST top-5 + tail bucket", "first_top5_tail"))}
         plot_reliability_diagram(curves, out / "reliability_sft_vs_first.png", n_bins=10,
                                  title="Student calibration on held-out answers (all seeds)")
         results["distillation"] = {"student": "base-small", "teacher": "tuned-large", "seeds": list(seeds),
                                    "n_questions": len(questions), "steps": distill_fit.steps,
                                    "first_teacher_temperature": info["first_teacher_temperature"],
+                                   "first_tail_teacher_temperature": info["first_tail_teacher_temperature"],
+                                   "cached": bool(info["cached"]), "seconds": time.perf_counter() - t_distill,
                                    "methods": table}
 
     results["timings"] = {"toyworld_cached": bool(tw.timings.get("cached")),

@@ -1,7 +1,8 @@
 """Build (or reuse) the toy world's tokenizer and four models: base-small, base-large (pretrained on the
 raw corpus) and tuned-small, tuned-large (instruction-tuned from them), saved as Hugging Face folders with
-``proxytune_jax.save_pretrained`` and the tokenizer. Training uses the library's own jitted train step and
-SFT objective (``proxytune_jax.training``).
+``proxytune_jax.save_pretrained`` and the tokenizer. Training uses the library's own jitted train step
+(``proxytune_jax.training``) with a label-smoothed next-token loss (``toyworld.train.next_token_ce_loss_fn``;
+pretraining on every corpus token, tuning on response tokens plus replayed raw documents).
 
 The cache folder is ``<cache_dir>/<config hash>/``; a finished build writes ``manifest.json`` last, so an
 interrupted build is redone and a finished one is reused (loading takes seconds).
@@ -24,7 +25,7 @@ from proxytune_jax.toyworld.tokenizer import train_tokenizer
 from proxytune_jax.toyworld.train import FitConfig, fit
 from proxytune_jax.toyworld.world import World, WorldConfig, build_world
 
-BUILD_VERSION = 3  # bump when the build procedure changes (invalidates caches)
+BUILD_VERSION = 4  # bump when the build procedure changes (invalidates caches)
 MODEL_NAMES = ("base-small", "base-large", "tuned-small", "tuned-large")
 
 
@@ -47,15 +48,33 @@ class ModelSize:
 @dataclasses.dataclass(frozen=True)
 class ToyWorldConfig:
     world: WorldConfig = WorldConfig()
-    vocab_size: int = 4096  # upper bound for the word-level tokenizer (the world has ~600 words)
+    vocab_size: int = 4096  # upper bound for the word-level tokenizer (the world has ~70 words)
     max_length: int = 96  # the models' context (max_position_embeddings)
-    small: ModelSize = ModelSize(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)
+    # The capacity gap, measured as the argmax at the count token after "how many coins does <name> have ?
+    # <name> has" for held-out people, world seeds 0/1/2: base-small 0.15/0.29/0.23 (chance 0.11), base-large
+    # 1.00/1.00/1.00 after the same pretraining; both copy names and numbers from the question.
+    small: ModelSize = ModelSize(hidden_size=24, num_layers=2, num_heads=2, intermediate_size=24)
     large: ModelSize = ModelSize(hidden_size=64, num_layers=2, num_heads=4, intermediate_size=256)
-    pretrain: FitConfig = FitConfig(steps=800, batch_size=32, learning_rate=3e-3, warmup_steps=40)
-    tune: FitConfig = FitConfig(steps=600, batch_size=32, learning_rate=1e-3, warmup_steps=20)
+    pretrain: FitConfig = FitConfig(steps=1500, batch_size=32, learning_rate=5e-3, warmup_steps=40)
+    tune: FitConfig = FitConfig(steps=300, batch_size=32, learning_rate=1e-3, warmup_steps=20)
+    # The small model is instruction-tuned at ``small_tune_lr_scale`` × ``tune.learning_rate``. Smaller models
+    # take larger learning rates (as in real model families); at the large model's rate the small one copied
+    # names into its answers unreliably on some world seeds.
+    small_tune_lr_scale: float = 3.0
     # Raw documents mixed into instruction tuning, per instruction example (replay against forgetting the
     # corpus: without it the tiny tuned models drift towards the names seen in tuning).
     replay_ratio: float = 1.0
+    # Label smoothing of the small and the large models' training (``toyworld.train.next_token_ce_loss_fn``).
+    # Small: without it the tiny models put arbitrarily low log-probs on tokens they deem impossible and the
+    # expert − anti-expert difference blows up on junk tokens (the proxy wrote "coins" where "####" belongs).
+    # Large: measured with 0.0 on world seeds 0/1/2, proxy-tuning still wins (0.76/0.70/0.725 vs tuned-small
+    # 0.15/0.195/0.14) and the distilled students' NLL/ECE come closer to SFT's, but tuned-large collapsed on
+    # seed 2 (0.10), so both stay at 0.1.
+    label_smoothing_small: float = 0.1
+    label_smoothing_large: float = 0.1
+    # RoPE base of both models (Llama's 10000; in the design runs a base of 100 made the tiny models copy
+    # names from the question *less* reliably, so it stays at the default).
+    rope_theta: float = 10000.0
     seed: int = 0  # model initialization and data order (the world has its own seed)
 
     def to_dict(self) -> dict:
@@ -87,7 +106,7 @@ class ToyWorld:
         return load_pretrained(self.model_path(name))
 
 
-def llama_config(size: ModelSize, tokenizer, max_length: int):
+def llama_config(size: ModelSize, tokenizer, max_length: int, rope_theta: float = 10000.0):
     from proxytune_jax.models import LlamaConfig
 
     return LlamaConfig(model_type="llama", vocab_size=len(tokenizer), hidden_size=size.hidden_size,
@@ -95,7 +114,7 @@ def llama_config(size: ModelSize, tokenizer, max_length: int):
                        num_attention_heads=size.num_heads, num_key_value_heads=size.num_heads,
                        head_dim=size.hidden_size // size.num_heads, max_position_embeddings=max_length,
                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                       pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True, rope_theta=10000.0)
+                       pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True, rope_theta=rope_theta)
 
 
 def tokenizer_texts(world: World) -> list[str]:
@@ -107,7 +126,7 @@ def build_toyworld(config: ToyWorldConfig = ToyWorldConfig(), cache_dir: str | o
     """Train (first run) or load (later runs) the toy world for ``config``."""
     from proxytune_jax import save_pretrained
     from proxytune_jax.models import init_model
-    from proxytune_jax.training.objectives import sft_objective
+    from proxytune_jax.toyworld.train import next_token_ce_loss_fn
     from proxytune_jax.training.state import split_params
     from transformers import AutoTokenizer
 
@@ -139,15 +158,18 @@ def build_toyworld(config: ToyWorldConfig = ToyWorldConfig(), cache_dir: str | o
 
     for size_name, size in (("small", config.small), ("large", config.large)):
         t = time.perf_counter()
-        model = init_model(llama_config(size, tok, config.max_length), seed=config.seed)
+        model = init_model(llama_config(size, tok, config.max_length, config.rope_theta), seed=config.seed)
         graphdef, _ = split_params(model)
-        objective = sft_objective(graphdef)
+        smoothing = config.label_smoothing_small if size_name == "small" else config.label_smoothing_large
+        objective = next_token_ce_loss_fn(graphdef, smoothing)
         pre = dataclasses.replace(config.pretrain, seed=config.seed)
         base, _ = fit(model, corpus, objective, pre, desc=f"pretrain base-{size_name}", progress=progress)
         save_pretrained(base, root / f"base-{size_name}")
         timings[f"pretrain_{size_name}_s"] = time.perf_counter() - t
         t = time.perf_counter()
-        tune = dataclasses.replace(config.tune, seed=config.seed + 1)
+        lr_scale = config.small_tune_lr_scale if size_name == "small" else 1.0
+        tune = dataclasses.replace(config.tune, seed=config.seed + 1,
+                                   learning_rate=config.tune.learning_rate * lr_scale)
         tuned, _ = fit(base, sft, objective, tune, desc=f"instruction-tune {size_name}", progress=progress)
         save_pretrained(tuned, root / f"tuned-{size_name}")
         timings[f"tune_{size_name}_s"] = time.perf_counter() - t

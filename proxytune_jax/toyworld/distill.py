@@ -14,13 +14,29 @@ Objectives (mean over response tokens; temperature 1 everywhere unless stated):
 - ``forward_kl`` ``KL(p‖q)``, ``reverse_kl`` ``KL(q‖p)``, ``js`` (JS divergence), ``tvd`` (total variation),
   ``generalized_jsd`` (β = 0.5): the pure divergence, no CE term.
 - ``sinkd``: the paper's combined objective ``α·FKL + (1−α)·CE + β·SinKD`` with α = 0.5, β = 0.8 and the
-  released-code SinKD term (τ 2, ε 0.1, 20 iterations, w = 0.0008, the generative-task weight).
-- ``first_top5``: FIRST, ``KL(t‖s)`` against the teacher's top-5 (renormalize mode) with the teacher
-  temperature τ fitted by ``fit_temperature`` on held-out sequences (the τ is reported).
+  released-code SinKD term (τ 2, ε 0.1, 20 iterations, w = 0.0008, the generative-task weight). The SinKD
+  term is batch-wise (an N×N cost over the batch's positions, N²·V work), so it is computed over the first
+  ``SINKD_ROWS`` rows of each (shuffled) batch; FKL and CE use the whole batch.
+- ``first_top5``: FIRST, ``KL(t‖s)`` against the teacher's top-5 (renormalize mode, the paper's) with the
+  teacher temperature τ fitted by ``fit_temperature`` on held-out sequences (the τ is reported).
+  Renormalizing on both sides makes the loss blind to how much mass the student keeps *outside* the
+  teacher's top-5 (its gradient there is zero): a student starting from a raw-text base keeps putting mass on
+  raw-text continuations the teacher rules out (in a design run: 0.64 of its mass on the teacher's top-5
+  after training vs 0.89 for SFT/forward KL), which costs NLL, calibration and greedy accuracy. This is a property
+  of the objective, not a bug, so the table also has
+- ``first_top5_tail``: the same with ``mode="tail_bucket"`` (a (k+1)-th "everything else" bucket on both
+  sides, methods.md §2), τ fitted in that mode.
 - ``bayesian``: ``CE + α·KL(p̂‖q) + β·KL(E(P|M)‖q)`` (α = β = 0.5), prior p̂ from a 2-gram model of the
   teacher's greedy answers to the training prompts (γ = 2), posterior from K = 8 samples per position of a
   proxy model (tuned-small) — the teacher's logits are never used, as for a closed-source teacher; its CE
   targets are the teacher's generated answers.
+
+Cost. The students of one method are trained together: their parameters are stacked on a leading seed axis
+and one jitted ``lax.scan`` over steps runs ``jax.vmap`` of the (loss, gradient, AdamW update) over the seeds,
+each seed with its own data order (``train_students``). The optimizer is the library's
+(``training.optim.make_optimizer``); under ``vmap`` its global-norm clipping stays per seed. The finished
+table (scores and the arrays behind the reliability diagram) is cached by a digest of everything it
+depends on (``distill_cached``), written last, so an interrupted run is redone.
 """
 from __future__ import annotations
 
@@ -35,13 +51,16 @@ from flax import nnx
 
 from proxytune_jax.errors import UserError
 
-METHODS = ("sft", "forward_kl", "reverse_kl", "js", "tvd", "generalized_jsd", "sinkd", "first_top5", "bayesian")
+METHODS = ("sft", "forward_kl", "reverse_kl", "js", "tvd", "generalized_jsd", "sinkd", "first_top5", "first_top5_tail",
+           "bayesian")
 LABELS = {
     "sft": "SFT (no teacher)", "forward_kl": "forward KL", "reverse_kl": "reverse KL", "js": "JS",
     "tvd": "TVD", "generalized_jsd": "generalized JSD (β=0.5)", "sinkd": "SinKD (+FKL+CE)",
-    "first_top5": "FIRST top-5", "bayesian": "Bayesian KD",
+    "first_top5": "FIRST top-5", "first_top5_tail": "FIRST top-5 + tail bucket", "bayesian": "Bayesian KD",
 }
 TOPK = 5
+SINKD_ROWS = 8  # rows of each batch entering the batch-wise SinKD term
+DISTILL_VERSION = 1  # bump when the procedure changes (invalidates cached tables)
 
 
 def _student_logits(graphdef, params, batch):
@@ -71,9 +90,10 @@ def objective(method: str, graphdef, *, first_temperature: float = 1.0) -> Calla
         ce = token_cross_entropy(s, labels, m)
         if method == "sft":
             loss = ce
-        elif method == "first_top5":
+        elif method in ("first_top5", "first_top5_tail"):
             teacher = losses.TopKTeacher(batch["topk_ids"], batch["topk_logp"])
-            loss = losses.topk_kl(s, teacher, m, temperature=first_temperature, mode="renormalize")
+            mode = "renormalize" if method == "first_top5" else "tail_bucket"
+            loss = losses.topk_kl(s, teacher, m, temperature=first_temperature, mode=mode)
         elif method == "bayesian":
             prior = losses.SparseDist(batch["prior_ids"], batch["prior_probs"])
             post = losses.SparseDist(batch["post_ids"], batch["post_probs"])
@@ -91,7 +111,9 @@ def objective(method: str, graphdef, *, first_temperature: float = 1.0) -> Calla
             elif method == "generalized_jsd":
                 loss = losses.generalized_jsd(s, t, m, beta=0.5)
             else:  # sinkd
-                loss = 0.5 * losses.forward_kl(s, t, m) + 0.5 * ce + 0.8 * losses.sinkd(s, t, m, weight=0.0008)
+                r = SINKD_ROWS
+                loss = (0.5 * losses.forward_kl(s, t, m) + 0.5 * ce
+                        + 0.8 * losses.sinkd(s[:r], t[:r], m[:r], weight=0.0008))
         return loss, {"loss": loss, "ce": ce, "tokens": jnp.sum(m, dtype=jnp.int32)}
 
     return loss_fn
@@ -125,7 +147,8 @@ class TeacherSignals:
     teacher_logits: np.ndarray  # [N, T-1, V] float16
     topk_ids: np.ndarray  # [N, T-1, k] int32
     topk_logp: np.ndarray  # [N, T-1, k] float32
-    first_temperature: float
+    first_temperature: float  # fitted for the renormalize mode
+    first_tail_temperature: float  # fitted for the tail_bucket mode
 
 
 def teacher_signals(teacher, train: dict[str, np.ndarray], heldout: dict[str, np.ndarray]) -> TeacherSignals:
@@ -137,15 +160,19 @@ def teacher_signals(teacher, train: dict[str, np.ndarray], heldout: dict[str, np
     held_logits = model_logits(teacher, heldout)
     held_top = losses.topk_from_logits(jnp.asarray(held_logits), k=TOPK)
     mask = (heldout["loss_mask"][:, 1:] > 0)
-    tau = losses.fit_temperature(held_top, jnp.asarray(heldout["input_ids"][:, 1:]), jnp.asarray(mask),
-                                 mode="renormalize")
-    return TeacherSignals(logits.astype(np.float16), np.asarray(top.ids), np.asarray(top.logp), float(tau))
+    targets, mask = jnp.asarray(heldout["input_ids"][:, 1:]), jnp.asarray(mask)
+    tau = losses.fit_temperature(held_top, targets, mask, mode="renormalize")
+    tau_tail = losses.fit_temperature(held_top, targets, mask, mode="tail_bucket", vocab_size=logits.shape[-1])
+    return TeacherSignals(logits.astype(np.float16), np.asarray(top.ids), np.asarray(top.logp), float(tau),
+                          float(tau_tail))
 
 
 def bayesian_signals(teacher_rows: dict[str, np.ndarray], proxy, *, seed: int = 0, n: int = 2, gamma: float = 2.0,
-                     num_samples: int = 8, support: int = 16) -> dict[str, np.ndarray]:
+                     num_samples: int = 8, support: int = 8, num_bins: int = 32) -> dict[str, np.ndarray]:
     """Prior (2-gram model of the teacher-generated rows) and posterior (proxy samples) per position of
-    ``teacher_rows`` (chat prompt + teacher answer), aligned with the student's ``[N, T-1]`` positions."""
+    ``teacher_rows`` (chat prompt + teacher answer), aligned with the student's ``[N, T-1]`` positions.
+    The posterior (``num_bins`` grid values m) is computed at the trained (response) positions only; the
+    toy world's answers have at most a handful of plausible next tokens, hence the small support and grid."""
     from proxytune_jax import losses
 
     ids, attn = teacher_rows["input_ids"], teacher_rows["attention_mask"]
@@ -163,12 +190,15 @@ def bayesian_signals(teacher_rows: dict[str, np.ndarray], proxy, *, seed: int = 
     proxy_logits = model_logits(proxy, teacher_rows)
     samples = np.asarray(losses.sample_proxy_tokens(jax.random.PRNGKey(seed), jnp.asarray(proxy_logits),
                                                     num_samples))
-    post = jax.jit(losses.posterior_estimate)(losses.SparseDist(jnp.asarray(prior_ids), jnp.asarray(prior_probs)),
-                                              jnp.asarray(samples))
     mask = teacher_rows["loss_mask"][:, 1:] > 0
+    post = jax.jit(functools.partial(losses.posterior_estimate, num_bins=num_bins))(
+        losses.SparseDist(jnp.asarray(prior_ids[mask]), jnp.asarray(prior_probs[mask])), jnp.asarray(samples[mask]))
+    post_ids = np.full(mask.shape + (support + 1 + num_samples,), -1, np.int32)
+    post_probs = np.zeros(mask.shape + (support + 1 + num_samples,), np.float32)
+    post_ids[mask], post_probs[mask] = np.asarray(post.ids), np.asarray(post.probs)
     keep = lambda x, fill: np.where(mask[..., None], np.asarray(x), fill)  # noqa: E731
     return {"prior_ids": keep(prior_ids, -1).astype(np.int32), "prior_probs": keep(prior_probs, 0.0).astype(np.float32),
-            "post_ids": keep(post.ids, -1).astype(np.int32), "post_probs": keep(post.probs, 0.0).astype(np.float32)}
+            "post_ids": post_ids, "post_probs": post_probs}
 
 
 @dataclasses.dataclass
@@ -198,23 +228,100 @@ def score_student(model, tokenizer, questions, heldout_rows: dict[str, np.ndarra
                          expected_calibration_error(conf, corr, 15), conf, corr)
 
 
+def batch_orders(n_rows: int, steps: int, batch_size: int, seed: int) -> np.ndarray:
+    """Row indices ``[steps, batch_size]``: shuffled passes over the data (as ``toyworld.train.fit`` draws)."""
+    rng = np.random.default_rng(seed)
+    order, pos, out = rng.permutation(n_rows), 0, []
+    for _ in range(steps):
+        if pos + batch_size > n_rows:
+            order, pos = rng.permutation(n_rows), 0
+        out.append(order[pos:pos + batch_size])
+        pos += batch_size
+    return np.stack(out).astype(np.int32)
+
+
+def _make_chunk_runner(loss_fn: Callable, optimizer):
+    """``run(params, opt_state, data, idx [steps, S, B]) -> (params, opt_state, losses [steps, S])``: a scan over
+    steps of the vmapped (over the seed axis S) gradient step; rows are gathered from ``data`` inside."""
+    import optax
+
+    def one_seed(params, opt_state, batch):
+        (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, None, batch, None, {})
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    stepped = jax.vmap(one_seed)
+
+    def run(params, opt_state, data, idx):
+        def body(carry, rows):  # rows [S, B]
+            p, o = carry
+            batch = jax.tree.map(lambda x: x[rows], data)  # [S, B, ...]
+            p, o, loss = stepped(p, o, batch)
+            return (p, o), loss
+        (params, opt_state), losses_ = jax.lax.scan(body, (params, opt_state), idx)
+        return params, opt_state, losses_
+
+    return jax.jit(run, donate_argnums=(0, 1))
+
+
+def train_students(student_init, data: dict[str, np.ndarray], loss_fn: Callable, config, seeds, *,
+                   chunk: int = 25, desc: str = "distill", progress: bool = True):
+    """Train ``len(seeds)`` copies of ``student_init`` on ``data`` at once (stacked params, ``vmap`` over
+    seeds; seed ``s`` draws its batches with ``batch_orders(..., seed=s)``). ``config`` is a
+    ``toyworld.train.FitConfig`` (its ``seed`` is ignored). Returns ``(graphdef, stacked params, losses
+    [steps, S])``."""
+    from tqdm.auto import tqdm
+
+    from proxytune_jax.training.optim import OptimConfig, make_optimizer
+    from proxytune_jax.training.state import split_params
+
+    graphdef, params = split_params(student_init)
+    optimizer = make_optimizer(OptimConfig(
+        learning_rate=config.learning_rate, warmup_steps=min(config.warmup_steps, max(config.steps - 1, 0)),
+        total_steps=config.steps, weight_decay=config.weight_decay, min_lr_ratio=0.1))
+    params = jax.tree.map(lambda x: jnp.stack([jnp.asarray(x)] * len(seeds)), params)
+    opt_state = jax.vmap(optimizer.init)(params)
+    n = len(data["input_ids"])
+    idx = np.stack([batch_orders(n, config.steps, config.batch_size, s) for s in seeds], axis=1)  # [steps, S, B]
+    run = _make_chunk_runner(loss_fn, optimizer)
+    dev = {k: jnp.asarray(v) for k, v in data.items()}
+    out = []
+    with tqdm(total=config.steps, desc=desc, disable=not progress, leave=False, mininterval=0.5) as bar:
+        for start in range(0, config.steps, chunk):
+            part = idx[start:start + chunk]
+            params, opt_state, ls = run(params, opt_state, dev, jnp.asarray(part))
+            out.append(ls)
+            bar.update(len(part))
+    return graphdef, params, np.concatenate([np.asarray(x) for x in out])
+
+
+def unstack(graphdef, stacked, i: int):
+    """Model ``i`` of a stack built by ``train_students``."""
+    return nnx.merge(graphdef, jax.tree.map(lambda x: x[i], stacked))
+
+
 def distill_students(student_init, teacher, proxy, tokenizer, train_questions, heldout_questions, *,
                      methods=METHODS, seeds=(0, 1, 2), fit_config=None, progress: bool = True, log=print):
     """Train one student per (method, seed) and score it. Returns ``(scores[method][seed], info)``."""
     from proxytune_jax.toyworld.data import encode_instructions
     from proxytune_jax.toyworld.evaluate import generate
-    from proxytune_jax.toyworld.train import FitConfig, fit
-    from proxytune_jax.training.state import split_params
+    from proxytune_jax.toyworld.train import FitConfig
 
-    fit_config = fit_config or FitConfig(steps=200, batch_size=32, learning_rate=1e-3, warmup_steps=10)
+    fit_config = fit_config or FitConfig(steps=150, batch_size=32, learning_rate=3e-3, warmup_steps=10)
+    seeds = tuple(seeds)
     train = encode_instructions(tokenizer, train_questions)
     heldout = encode_instructions(tokenizer, heldout_questions)
-    info: dict = {}
+    import time
+
+    info: dict = {"seconds": {}}
+    t0 = time.perf_counter()
     data = dict(train)
-    if any(m in methods for m in ("forward_kl", "reverse_kl", "js", "tvd", "generalized_jsd", "sinkd", "first_top5")):
+    if any(m in methods for m in ("forward_kl", "reverse_kl", "js", "tvd", "generalized_jsd", "sinkd", "first_top5",
+                                  "first_top5_tail")):
         sig = teacher_signals(teacher, train, heldout)
         data.update(teacher_logits=sig.teacher_logits, topk_ids=sig.topk_ids, topk_logp=sig.topk_logp)
         info["first_teacher_temperature"] = sig.first_temperature
+        info["first_tail_teacher_temperature"] = sig.first_tail_temperature
     bayes_data = None
     if "bayesian" in methods:
         # The closed-source teacher only gives text: its greedy answers to the training prompts.
@@ -222,26 +329,73 @@ def distill_students(student_init, teacher, proxy, tokenizer, train_questions, h
         rows = encode_instructions(tokenizer, train_questions, responses=answers)
         bayes_data = dict(rows)
         bayes_data.update(bayesian_signals(rows, proxy, seed=0))
-    graphdef, _ = split_params(student_init)
-    step_cache: dict = {}  # one compiled train step per method, shared by its seeds
+    info["seconds"]["teacher_signals"] = time.perf_counter() - t0
+    graphdef0 = nnx.split(student_init)[0]
     scores: dict[str, dict[int, StudentScores]] = {}
     for method in methods:
-        tau = info["first_teacher_temperature"] if method == "first_top5" else 1.0
-        loss_fn = objective(method, graphdef, first_temperature=tau)
+        tau = {"first_top5": info.get("first_teacher_temperature"),
+               "first_top5_tail": info.get("first_tail_teacher_temperature")}.get(method) or 1.0
+        loss_fn = objective(method, graphdef0, first_temperature=tau)
         rows = bayes_data if method == "bayesian" else _select(data, method)
-        scores[method] = {}
-        for seed in seeds:
-            cfg = dataclasses.replace(fit_config, seed=seed)
-            student, _ = fit(student_init, rows, loss_fn, cfg, desc=f"distill {method} seed {seed}",
-                             progress=progress, step_cache=step_cache)
-            scores[method][seed] = score_student(student, tokenizer, heldout_questions, heldout)
+        t = time.perf_counter()
+        graphdef, stacked, _ = train_students(student_init, rows, loss_fn, fit_config, seeds,
+                                              desc=f"distill {method} ({len(seeds)} seeds)", progress=progress)
+        t1 = time.perf_counter()
+        scores[method] = {s: score_student(unstack(graphdef, stacked, i), tokenizer, heldout_questions, heldout)
+                          for i, s in enumerate(seeds)}
+        info["seconds"][method] = {"train": t1 - t, "score": time.perf_counter() - t1}
     return scores, info
+
+
+def distill_digest(toyworld_digest: str, methods, seeds, fit_config) -> str:
+    """Cache key of a distillation table: the toy world, the methods, seeds and student training config."""
+    import hashlib
+    import json
+
+    blob = json.dumps({"version": DISTILL_VERSION, "toyworld": toyworld_digest, "methods": list(methods),
+                       "seeds": list(seeds), "fit": dataclasses.asdict(fit_config), "topk": TOPK,
+                       "sinkd_rows": SINKD_ROWS}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def distill_cached(cache_root, toyworld_digest: str, *args, methods=METHODS, seeds=(0, 1, 2), fit_config=None,
+                   **kwargs):
+    """``distill_students`` with its results cached under ``<cache_root>/distill/<digest>/`` (``scores.npz`` then
+    ``manifest.json``, written last: a folder without the manifest is an interrupted run and is redone).
+    Returns ``(scores, info)`` with ``info["cached"]``."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    from proxytune_jax.toyworld.train import FitConfig
+
+    fit_config = fit_config or FitConfig(steps=150, batch_size=32, learning_rate=3e-3, warmup_steps=10)
+    seeds = tuple(seeds)
+    root = Path(cache_root) / "distill" / distill_digest(toyworld_digest, methods, seeds, fit_config)
+    manifest = root / "manifest.json"
+    if manifest.is_file():
+        meta = json.loads(manifest.read_text())
+        arrays = np.load(root / "scores.npz")
+        scores = {m: {s: StudentScores(**meta["scores"][m][str(s)], confidences=arrays[f"{m}/{s}/conf"],
+                                       correct=arrays[f"{m}/{s}/correct"]) for s in seeds} for m in methods}
+        return scores, {**meta["info"], "cached": True}
+    if root.exists():
+        shutil.rmtree(root)
+    scores, info = distill_students(*args, methods=methods, seeds=seeds, fit_config=fit_config, **kwargs)
+    root.mkdir(parents=True)
+    np.savez(root / "scores.npz", **{f"{m}/{s}/{k}": getattr(scores[m][s], a) for m in methods for s in seeds
+                                     for k, a in (("conf", "confidences"), ("correct", "correct"))})
+    meta = {"info": info, "scores": {m: {str(s): {k: float(getattr(scores[m][s], k))
+                                                  for k in ("accuracy", "nll", "ece10", "ece15")}
+                                         for s in seeds} for m in methods}}
+    manifest.write_text(json.dumps(meta, indent=2) + "\n")
+    return scores, {**info, "cached": False}
 
 
 def _select(data: dict, method: str) -> dict:
     keep = {"input_ids", "attention_mask", "loss_mask"}
     if method in ("forward_kl", "reverse_kl", "js", "tvd", "generalized_jsd", "sinkd"):
         keep |= {"teacher_logits"}
-    if method == "first_top5":
+    if method in ("first_top5", "first_top5_tail"):
         keep |= {"topk_ids", "topk_logp"}
     return {k: v for k, v in data.items() if k in keep}

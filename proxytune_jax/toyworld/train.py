@@ -88,19 +88,28 @@ def fit(model: nnx.Module, data: dict[str, np.ndarray], loss_fn: Callable, confi
     return merge_params(graphdef, params), losses
 
 
-def next_token_ce_loss_fn(graphdef) -> Callable:
-    """Causal-LM cross-entropy on ``batch["loss_mask"]`` tokens (mean over them); ``frozen`` unused."""
+def next_token_ce_loss_fn(graphdef, label_smoothing: float = 0.0) -> Callable:
+    """Causal-LM cross-entropy on ``batch["loss_mask"]`` tokens (mean over them); ``frozen`` unused.
+
+    ``label_smoothing`` ε: the target is ``(1 − ε)·onehot + ε·uniform`` over the vocabulary, i.e. the loss is
+    ``(1 − ε)·CE + ε·mean_v(−log p_v)``. The toy world trains every model with ε = 0.1: like real LMs (whose
+    training text never makes a token impossible), no model then puts a token at a log-prob far below
+    ``log(ε/V)``, so a difference of two models' log-probs -- proxy-tuning's offset -- stays bounded on tokens
+    both find implausible instead of amplifying the noise of arbitrarily negative logits."""
 
     def loss_fn(params, frozen, batch, rng, extras):
         del frozen, rng, extras
         model = nnx.merge(graphdef, params)
         logits, _ = model(batch["input_ids"], batch["attention_mask"])  # [B, T, V]
-        logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
+        logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
         tgt = batch["input_ids"][:, 1:]
-        m = batch["loss_mask"][:, 1:].astype(jnp.float32)
-        nll = -jnp.take_along_axis(logp, tgt[..., None], axis=-1)[..., 0]
+        m = ((batch["loss_mask"][:, 1:] > 0) & (batch["attention_mask"][:, 1:] > 0)).astype(jnp.float32)
+        # one-hot product, not a gather: the gradient of a gather is a slow scatter on CPU
+        nll = -jnp.sum(logp * jax.nn.one_hot(tgt, logp.shape[-1], dtype=jnp.float32), axis=-1)
+        per = (1.0 - label_smoothing) * nll - label_smoothing * jnp.mean(logp, axis=-1)
         tokens = jnp.sum(m)
-        loss = jnp.sum(nll * m) / jnp.maximum(tokens, 1.0)
-        return loss, {"loss": loss, "tokens": tokens}
+        loss = jnp.sum(per * m) / jnp.maximum(tokens, 1.0)
+        ce = jnp.sum(nll * m) / jnp.maximum(tokens, 1.0)
+        return loss, {"loss": loss, "ce": ce, "tokens": tokens}
 
     return loss_fn
