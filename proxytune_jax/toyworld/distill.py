@@ -12,7 +12,8 @@ Objectives (mean over response tokens; temperature 1 everywhere unless stated):
 
 - ``sft``: cross-entropy on the gold tokens.
 - ``forward_kl`` ``KL(p‖q)``, ``reverse_kl`` ``KL(q‖p)``, ``js`` (JS divergence), ``tvd`` (total variation),
-  ``generalized_jsd`` (β = 0.5): the pure divergence, no CE term.
+  ``generalized_jsd`` (β = 0.1, GKD's setting near forward KL; β = 0.5 would repeat the JS row): the pure
+  divergence, no CE term.
 - ``sinkd``: the paper's combined objective ``α·FKL + (1−α)·CE + β·SinKD`` with α = 0.5, β = 0.8 and the
   released-code SinKD term (τ 2, ε 0.1, 20 iterations, w = 0.0008, the generative-task weight). The SinKD
   term is batch-wise (an N×N cost over the batch's positions, N²·V work), so it is computed over the first
@@ -55,12 +56,12 @@ METHODS = ("sft", "forward_kl", "reverse_kl", "js", "tvd", "generalized_jsd", "s
            "bayesian")
 LABELS = {
     "sft": "SFT (no teacher)", "forward_kl": "forward KL", "reverse_kl": "reverse KL", "js": "JS",
-    "tvd": "TVD", "generalized_jsd": "generalized JSD (β=0.5)", "sinkd": "SinKD (+FKL+CE)",
+    "tvd": "TVD", "generalized_jsd": "generalized JSD (β=0.1)", "sinkd": "SinKD (+FKL+CE)",
     "first_top5": "FIRST top-5", "first_top5_tail": "FIRST top-5 + tail bucket", "bayesian": "Bayesian KD",
 }
 TOPK = 5
 SINKD_ROWS = 8  # rows of each batch entering the batch-wise SinKD term
-DISTILL_VERSION = 1  # bump when the procedure changes (invalidates cached tables)
+DISTILL_VERSION = 2  # bump when the procedure changes (invalidates cached tables)
 
 
 def _student_logits(graphdef, params, batch):
@@ -109,7 +110,7 @@ def objective(method: str, graphdef, *, first_temperature: float = 1.0) -> Calla
             elif method == "tvd":
                 loss = losses.tv_distance(s, t, m)
             elif method == "generalized_jsd":
-                loss = losses.generalized_jsd(s, t, m, beta=0.5)
+                loss = losses.generalized_jsd(s, t, m, beta=0.1)
             else:  # sinkd
                 r = SINKD_ROWS
                 loss = (0.5 * losses.forward_kl(s, t, m) + 0.5 * ce
