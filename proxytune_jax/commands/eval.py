@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 
 from proxytune_jax.errors import UserError
+from proxytune_jax.jsonl import iter_jsonl
 
 METRICS = ("accuracy", "exact_match", "rouge")
 PREDICTION_FIELDS = ("completion", "prediction", "output", "generation", "response", "text")
@@ -31,21 +32,9 @@ def add_arguments(parser):
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    if not path.exists():
-        raise UserError(f"{path} does not exist: pass an existing JSONL file")
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise UserError(f"{path}:{n} is not valid JSON ({err.msg}): write one JSON object per line") from None
-            if not isinstance(row, dict):
-                row = {"text": row}
-            rows.append(row)
-    return rows
+    """Rows of a predictions/references file; a bare JSON value on a line is read as ``{"text": value}``."""
+    return [row if isinstance(row, dict) else {"text": row}
+            for _, row in iter_jsonl(path, what="JSONL file", example='{"text": "..."}')]
 
 
 def pick_field(rows: list[dict], field: str | None, candidates: tuple[str, ...], path: Path) -> str:

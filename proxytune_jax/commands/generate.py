@@ -33,6 +33,7 @@ import tempfile
 from pathlib import Path
 
 from proxytune_jax.errors import UserError
+from proxytune_jax.jsonl import iter_jsonl
 
 ROLE_FLAGS = {"expert": "--expert", "anti_expert": "--anti-expert", "small": "--small", "amateur": "--amateur"}
 MODEL_FLAGS = ("--target", "--expert", "--anti-expert", "--small", "--amateur")
@@ -166,16 +167,8 @@ def read_prompts(args) -> list[str]:
             raise UserError("--prompt is empty; give a non-empty prompt")
         return [args.prompt]
     path = Path(args.prompts)
-    if not path.is_file():
-        raise UserError(f"prompts file {path} does not exist; pass a JSONL file with one {{\"prompt\": ...}} per line")
     prompts = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}:{n}: not valid JSON ({e.msg}); each line must be {{\"prompt\": \"...\"}}") from None
+    for n, row in iter_jsonl(path, what="prompts file", example='{"prompt": "..."}'):
         if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
             raise UserError(f"{path}:{n}: each line must be an object with a string \"prompt\" field")
         if not row["prompt"]:

@@ -72,40 +72,47 @@ def _forward(graphdef, params, ids, mask, cache):
 _CACHE_AXES = KVCache(k=0, v=0, mask=0, length=None)  # a group's caches share one write cursor
 
 
-def _group_forward(graphdef, params, ids, mask, caches, *, shared_input: bool):
+def stack_caches(caches: Sequence[KVCache]) -> KVCache:
+    """Per-model caches of one group -> one cache with a leading model axis (they share the write cursor)."""
+    return KVCache(k=tuple(jnp.stack(x) for x in zip(*[c.k for c in caches])),
+                   v=tuple(jnp.stack(x) for x in zip(*[c.v for c in caches])),
+                   mask=jnp.stack([c.mask for c in caches]), length=caches[0].length)
+
+
+def unstack_cache(cache: KVCache, n: int) -> list[KVCache]:
+    return [KVCache(k=tuple(x[j] for x in cache.k), v=tuple(x[j] for x in cache.v), mask=cache.mask[j],
+                    length=cache.length) for j in range(n)]
+
+
+def _group_forward(graphdef, params, ids, mask, cache, *, shared_input: bool):
     """Forward of a group of same-architecture models as one ``vmap`` over a stacked leading model axis
-    (``params`` stacked; ``caches`` a tuple of per-model caches). One set of (batched) matmuls instead of
-    one per model: fewer ops per step, the same bytes read. -> (per-model logits list, per-model caches)."""
-    g = len(caches)
-    stacked = KVCache(k=tuple(jnp.stack(x) for x in zip(*[c.k for c in caches])),
-                      v=tuple(jnp.stack(x) for x in zip(*[c.v for c in caches])),
-                      mask=jnp.stack([c.mask for c in caches]), length=caches[0].length)
+    (``params`` and ``cache`` stacked). One set of (batched) matmuls instead of one per model: fewer ops per
+    step, the same bytes read. -> (logits [G, B, V], stacked cache)."""
     in_axes = (0, None if shared_input else 0, None if shared_input else 0, _CACHE_AXES)
     f = jax.vmap(functools.partial(_forward, graphdef), in_axes=in_axes, out_axes=(0, _CACHE_AXES))
-    logits, out = f(params, ids, mask, stacked)
-    per_model = [KVCache(k=tuple(x[j] for x in out.k), v=tuple(x[j] for x in out.v), mask=out.mask[j],
-                         length=out.length) for j in range(g)]
-    return [logits[j] for j in range(g)], per_model
+    return f(params, ids, mask, cache)
 
 
 def _run_groups(graphdefs, params, groups, ids, masks, caches, *, shared_input):
-    """Forward every model (grouped ones vmapped together); ids/masks per model, or one shared pair."""
-    n_models = len(graphdefs)
-    logits, new_caches = [None] * n_models, [None] * n_models
+    """Forward every model (grouped ones vmapped together); ids/masks per model, or one shared pair.
+    ``caches`` has one entry per group (stacked for a group of several models), and so has the result.
+    -> (per-model logits list, per-group caches)."""
+    logits, new_caches = [None] * len(graphdefs), []
     for gi, members in enumerate(groups):
         if len(members) == 1:
             (i,) = members
             x, m = (ids, masks) if shared_input else (ids[i], masks[i])
-            logits[i], new_caches[i] = _forward(graphdefs[i], params[gi], x, m, caches[i])
+            logits[i], cache = _forward(graphdefs[i], params[gi], x, m, caches[gi])
         else:
             if shared_input:
                 x, m = ids, masks
             else:
                 x, m = jnp.stack([ids[i] for i in members]), jnp.stack([masks[i] for i in members])
-            lgs, cs = _group_forward(graphdefs[members[0]], params[gi], x, m, [caches[i] for i in members],
-                                     shared_input=shared_input)
-            for i, lg, c in zip(members, lgs, cs):
-                logits[i], new_caches[i] = lg, c
+            lgs, cache = _group_forward(graphdefs[members[0]], params[gi], x, m, caches[gi],
+                                        shared_input=shared_input)
+            for j, i in enumerate(members):
+                logits[i] = lgs[j]
+        new_caches.append(cache)
     return logits, new_caches
 
 
@@ -139,8 +146,10 @@ def decode_loop(graphdefs, params, prompt_ids, prompt_masks, caches, fusion_para
     n = max_new_tokens
     choose = functools.partial(_choose, rule=rule, vocab_size=vocab_size, analysis=analysis)
 
-    # prefill: each model on its own stream
-    logits, new_caches = _run_groups(graphdefs, params, groups, prompt_ids, prompt_masks, caches,
+    # prefill: each model on its own stream; a group's caches are stacked once here and stay stacked in the
+    # loop (no per-step stack/unstack copies)
+    group_caches = [caches[m[0]] if len(m) == 1 else stack_caches([caches[i] for i in m]) for m in groups]
+    logits, new_caches = _run_groups(graphdefs, params, groups, prompt_ids, prompt_masks, group_caches,
                                      shared_input=False)
 
     def record(t, token, extra, carry):
@@ -185,9 +194,13 @@ def decode_loop(graphdefs, params, prompt_ids, prompt_masks, caches, fusion_para
         nxt, rec = record(t + 1, nxt, extra, rec)
         return t + 1, nxt, tuple(new_cs), rec
 
-    _, _, final_caches, rec = jax.lax.while_loop(cond, body, (jnp.int32(0), token, tuple(new_caches), carry))
+    _, _, final_groups, rec = jax.lax.while_loop(cond, body, (jnp.int32(0), token, tuple(new_caches), carry))
+    final_caches = [None] * n_models
+    for members, cache in zip(groups, final_groups):
+        for i, c in zip(members, [cache] if len(members) == 1 else unstack_cache(cache, len(members))):
+            final_caches[i] = c
     tokens, num, _, reason, _, ana = rec
-    return DecodeOutput(tokens=tokens, num_tokens=num, finish_reason=reason, analysis=ana), final_caches
+    return DecodeOutput(tokens=tokens, num_tokens=num, finish_reason=reason, analysis=ana), tuple(final_caches)
 
 
 _STATIC = ("graphdefs", "rule", "vocab_size", "max_new_tokens", "analysis", "pad_id", "groups")

@@ -88,16 +88,10 @@ def skew_forward_kl_per_position(student_logits, teacher_logits, *, temperature=
 
 
 def skew_reverse_kl_per_position(student_logits, teacher_logits, *, temperature=1.0, alpha=0.1):
-    """DistiLLM skew reverse KL ``KL(q ‖ (1−α)·p + α·q)``; α = 0 is reverse KL, α = 1 gives 0."""
-    check_positive("temperature", temperature)
-    check_unit_interval("alpha", alpha)
-    lp = log_probs(teacher_logits, temperature)
-    lq = log_probs(student_logits, temperature)
-    if alpha == 0:
-        return kl_from_log_probs(lq, lp)
-    if alpha == 1:
-        return jnp.zeros(lp.shape[:-1], lp.dtype)
-    return kl_from_log_probs(lq, _log_mixture(lp, lq, 1.0 - alpha))
+    """DistiLLM skew reverse KL ``KL(q ‖ (1−α)·p + α·q)``; α = 0 is reverse KL, α = 1 gives 0.
+
+    It is the skew forward KL with the two distributions' roles swapped."""
+    return skew_forward_kl_per_position(teacher_logits, student_logits, temperature=temperature, alpha=alpha)
 
 
 def generalized_jsd_per_position(student_logits, teacher_logits, *, temperature=1.0, beta=0.5):

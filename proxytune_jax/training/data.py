@@ -24,7 +24,6 @@ checkpoint (``DataPosition``) and checked on resume.
 from __future__ import annotations
 
 import dataclasses
-import json
 import warnings
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -32,6 +31,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from proxytune_jax.errors import UserError
+from proxytune_jax.jsonl import iter_jsonl
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,41 +55,31 @@ def read_jsonl(path: str | Path, *, prompt_field: str = "prompt", response_field
     """Read and validate records. Returns dicts with either ``prompt``/``response`` or ``text`` (str), each
     with ``line`` (1-based line number) for later error messages."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"data file {path} does not exist; pass a JSONL file with one record per line")
+    example = f'{{"{prompt_field}": "...", "{response_field}": "..."}} or {{"{text_field}": "..."}}'
     records = []
-    with path.open("r", encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise UserError(f"{where}: not valid JSON ({err.msg} at column {err.colno}); each line must "
-                                f"be one JSON object like {{\"{prompt_field}\": \"...\", \"{response_field}\": "
-                                f"\"...\"}} or {{\"{text_field}\": \"...\"}}") from None
-            if not isinstance(obj, dict):
-                raise UserError(f"{where}: expected a JSON object, got {type(obj).__name__}; write "
-                                f"{{\"{prompt_field}\": ..., \"{response_field}\": ...}} or {{\"{text_field}\": ...}}")
-            if prompt_field in obj or response_field in obj:
-                for key in (prompt_field, response_field):
-                    if key not in obj:
-                        raise UserError(f"{where}: record has no \"{key}\" field; prompt/response records need both")
-                    if not isinstance(obj[key], str):
-                        raise UserError(f"{where}: \"{key}\" must be a string, got {type(obj[key]).__name__}")
-                if not obj[response_field]:
-                    raise UserError(f"{where}: \"{response_field}\" is empty, so the record has nothing to learn; "
-                                    "remove it or fill it in")
-                records.append({"prompt": obj[prompt_field], "response": obj[response_field], "line": lineno})
-            elif text_field in obj:
-                if not isinstance(obj[text_field], str) or not obj[text_field]:
-                    raise UserError(f"{where}: \"{text_field}\" must be a non-empty string")
-                records.append({"text": obj[text_field], "line": lineno})
-            else:
-                raise UserError(f"{where}: record has none of the fields \"{prompt_field}\"/\"{response_field}\" "
-                                f"or \"{text_field}\" (it has {sorted(obj)}); rename the fields or set the "
-                                "field names in the config")
+    for lineno, obj in iter_jsonl(path, what="data file", example=example):
+        where = f"{path}:{lineno}"
+        if not isinstance(obj, dict):
+            raise UserError(f"{where}: expected a JSON object, got {type(obj).__name__}; write "
+                            f"{{\"{prompt_field}\": ..., \"{response_field}\": ...}} or {{\"{text_field}\": ...}}")
+        if prompt_field in obj or response_field in obj:
+            for key in (prompt_field, response_field):
+                if key not in obj:
+                    raise UserError(f"{where}: record has no \"{key}\" field; prompt/response records need both")
+                if not isinstance(obj[key], str):
+                    raise UserError(f"{where}: \"{key}\" must be a string, got {type(obj[key]).__name__}")
+            if not obj[response_field]:
+                raise UserError(f"{where}: \"{response_field}\" is empty, so the record has nothing to learn; "
+                                "remove it or fill it in")
+            records.append({"prompt": obj[prompt_field], "response": obj[response_field], "line": lineno})
+        elif text_field in obj:
+            if not isinstance(obj[text_field], str) or not obj[text_field]:
+                raise UserError(f"{where}: \"{text_field}\" must be a non-empty string")
+            records.append({"text": obj[text_field], "line": lineno})
+        else:
+            raise UserError(f"{where}: record has none of the fields \"{prompt_field}\"/\"{response_field}\" "
+                            f"or \"{text_field}\" (it has {sorted(obj)}); rename the fields or set the "
+                            "field names in the config")
     if not records:
         raise UserError(f"data file {path} holds no records")
     return records

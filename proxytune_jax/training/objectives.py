@@ -58,6 +58,15 @@ def _accepts(fn: Callable, arg: str) -> bool:
         return False
 
 
+def _loss_call_kwargs(fn: Callable, loss_kwargs: dict | None, temperature: float) -> tuple[dict, bool]:
+    """The keyword arguments a distillation loss is called with (``temperature`` where it takes one) and
+    whether it also wants ``labels`` (losses that mix in cross-entropy themselves)."""
+    kwargs = dict(loss_kwargs or {})
+    if _accepts(fn, "temperature"):
+        kwargs["temperature"] = temperature
+    return kwargs, _accepts(fn, "labels")
+
+
 def shifted(batch: dict) -> tuple[jax.Array, jax.Array]:
     """``(labels [B, T-1] int32, mask [B, T-1] bool)``: the target of position t is token t+1."""
     ids, attn, lm = batch["input_ids"], batch["attention_mask"], batch["loss_mask"]
@@ -114,10 +123,7 @@ def online_distillation_objective(student_graphdef: nnx.GraphDef, teacher_graphd
     Metrics: ``loss``, ``<loss name>``, ``ce``, ``tokens``.
     """
     kd_fn = resolve_loss(loss)
-    kwargs = dict(loss_kwargs or {})
-    if _accepts(kd_fn, "temperature"):
-        kwargs["temperature"] = temperature
-    wants_labels = _accepts(kd_fn, "labels")
+    kwargs, wants_labels = _loss_call_kwargs(kd_fn, loss_kwargs, temperature)
 
     def loss_fn(params, frozen, batch, rng, extras):
         del rng, extras
@@ -259,10 +265,7 @@ def online_distillation_chunked_objective(student_graphdef: nnx.GraphDef, teache
     it would need the full logits)."""
     from proxytune_jax.losses.chunked import chunked_loss, resolve_per_position
     per_position = resolve_per_position(loss)
-    kwargs = dict(loss_kwargs or {})
-    if _accepts(per_position, "temperature"):
-        kwargs["temperature"] = temperature
-    wants_labels = _accepts(per_position, "labels")
+    kwargs, wants_labels = _loss_call_kwargs(per_position, loss_kwargs, temperature)
 
     def loss_fn(params, frozen, batch, rng, extras):
         del rng, extras
