@@ -429,14 +429,14 @@ def encode_classification(examples, tokenizer, max_length: int) -> dict:
 
 
 def class_logits(graphdef, params, batch, verbalizer_ids):
-    """[B, C] float32: the last position's logits at the label words' token ids (h @ W[:, ids] in fp32)."""
+    """[B, C] float32: the last position's logits at the label words' token ids (h @ W[ids].T in fp32)."""
     import jax.numpy as jnp
     from flax import nnx
 
     model = nnx.merge(graphdef, params)
     h, _ = model.hidden_states(batch["input_ids"], batch["attention_mask"])  # [B, T, D]
-    w = model.lm_head_weight()[:, jnp.asarray(verbalizer_ids)]  # [D, C]
-    return h[:, -1, :].astype(jnp.float32) @ w.astype(jnp.float32)
+    w = model.lm_head_weight()[jnp.asarray(verbalizer_ids)]  # [C, D]
+    return h[:, -1, :].astype(jnp.float32) @ w.astype(jnp.float32).T
 
 
 def predict_class_logits(graphdef, params, data: dict, verbalizer_ids, batch_size: int) -> np.ndarray:

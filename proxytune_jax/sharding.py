@@ -3,7 +3,7 @@
 A mesh has three named axes, ``("data", "fsdp", "tensor")``, built in Auto (GSPMD) mode so the classic
 ``jax.jit(in_shardings=..., out_shardings=...)`` style works (jax 0.10's ``make_mesh`` defaults to Explicit).
 Each model family declares ``partition_rules(config)``: an ordered tuple of ``(regex, PartitionSpec)`` matched
-with ``re.search`` against a parameter's path joined by ``/`` (e.g. ``model/layers/3/self_attn/q_proj/kernel``);
+with ``re.search`` against a parameter's path joined by ``/`` (e.g. ``model/layers/3/self_attn/q_proj/weight``);
 the first match wins, unmatched parameters are replicated. A spec whose axis does not divide the dimension is
 dropped to replication for that dimension, so the same rules run on 1 CPU, 8 simulated devices or a pod.
 """
@@ -57,7 +57,7 @@ def make_mesh(config: MeshConfig | None = None, devices: Sequence[Any] | None = 
 
 
 def path_to_str(path) -> str:
-    """``('model', 'layers', 0, 'q_proj', 'kernel')`` (or jax key entries) -> ``model/layers/0/q_proj/kernel``."""
+    """``('model', 'layers', 0, 'q_proj', 'weight')`` (or jax key entries) -> ``model/layers/0/q_proj/weight``."""
     parts = []
     for k in path:
         for attr in ("key", "idx", "name"):

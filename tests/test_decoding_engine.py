@@ -234,7 +234,7 @@ stop = make_stop_criteria([2])
 single = Decoder(models, "proxy_tuning").generate(batch, max_new_tokens=8, stop=stop, analysis=True)
 mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
 sharded_dec = Decoder(models, "proxy_tuning", mesh=mesh)
-leaf = sharded_dec.params[0]["model"]["layers"][0]["self_attn"]["q_proj"]["kernel"][...]
+leaf = sharded_dec.params[0]["model"]["layers"][0]["self_attn"]["q_proj"]["weight"][...]
 assert len(leaf.sharding.device_set) == 8, leaf.sharding
 sharded = sharded_dec.generate(batch, max_new_tokens=8, stop=stop, analysis=True)
 assert np.array_equal(single.tokens, sharded.tokens), (single.tokens, sharded.tokens)

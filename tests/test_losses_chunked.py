@@ -16,9 +16,9 @@ B, T, D, DT, V = 2, 7, 6, 5, 33
 def arrays():
     rng = np.random.default_rng(0)
     hs = rng.normal(size=(B, T, D)).astype(np.float32)
-    ws = (rng.normal(size=(D, V)) * 0.7).astype(np.float32)
+    ws = (rng.normal(size=(D, V)) * 0.7).astype(np.float32).T.copy()  # [V, D] like lm_head.weight
     ht = rng.normal(size=(B, T, DT)).astype(np.float32)
-    wt = (rng.normal(size=(DT, V)) * 0.9).astype(np.float32)
+    wt = (rng.normal(size=(DT, V)) * 0.9).astype(np.float32).T.copy()
     mask = rng.random((B, T)) < 0.7
     labels = rng.integers(0, V, size=(B, T))
     return hs, ws, ht, wt, mask, labels
@@ -49,7 +49,7 @@ def test_chunked_equals_plain_value_and_gradient(name, arrays):
 
 def test_plain_path_is_the_logit_loss(arrays):
     hs, ws, ht, wt, mask, labels = arrays
-    s, t = hs @ ws, ht @ wt
+    s, t = hs @ ws.T, ht @ wt.T
     assert float(L.loss_from_hidden("forward_kl", hs, ws, ht, wt, mask, temperature=2.0)) == pytest.approx(
         float(L.forward_kl(s, t, mask, temperature=2.0)), rel=1e-5)
     assert float(L.chunked_loss("hinton_kd", hs, ws, ht, wt, mask, position_args={"labels": labels})) == \
@@ -58,8 +58,8 @@ def test_plain_path_is_the_logit_loss(arrays):
 
 def test_uld_across_vocabularies_chunked(arrays):
     hs, ws, ht, wt, mask, _ = arrays
-    wt2 = np.concatenate([wt, wt[:, :9]], axis=1)  # teacher vocab 42 != 33
-    ref = float(L.uld(hs @ ws, ht @ wt2, mask))
+    wt2 = np.concatenate([wt, wt[:9]], axis=0)  # teacher vocab 42 != 33
+    ref = float(L.uld(hs @ ws.T, ht @ wt2.T, mask))
     assert float(L.chunked_loss("uld", hs, ws, ht, wt2, mask, chunk_size=3)) == pytest.approx(ref, rel=1e-5)
 
 
@@ -68,7 +68,7 @@ def test_teacher_gradient_zero_in_fused_and_real_in_remat(arrays):
     g_fused = jax.grad(lambda w: L.chunked_loss("forward_kl", hs, ws, ht, w, mask, chunk_size=4))(wt)
     assert bool(jnp.all(g_fused == 0))
     g_remat = jax.grad(lambda w: L.chunked_loss_remat("forward_kl", hs, ws, ht, w, mask, chunk_size=4))(wt)
-    g_ref = jax.grad(lambda w: L.forward_kl(hs @ ws, ht @ w, mask))(wt)
+    g_ref = jax.grad(lambda w: L.forward_kl(hs @ ws.T, ht @ w.T, mask))(wt)
     np.testing.assert_allclose(np.asarray(g_remat), np.asarray(g_ref), rtol=1e-4, atol=1e-6)
 
 
@@ -113,7 +113,7 @@ def _shapes_in_jaxpr(jaxpr):
 
 def test_chunked_program_never_holds_full_logits():
     n, d, v = 64, 4, 1000
-    hs, ws = jnp.ones((n, d)), jnp.ones((d, v))
+    hs, ws = jnp.ones((n, d)), jnp.ones((v, d))
     plain = jax.make_jaxpr(jax.value_and_grad(lambda h, w: L.loss_from_hidden("forward_kl", h, w, h, w), (0, 1)))
     chunked = jax.make_jaxpr(jax.value_and_grad(lambda h, w: L.chunked_loss("forward_kl", h, w, h, w,
                                                                             chunk_size=16), (0, 1)))

@@ -129,8 +129,8 @@ def test_bayesian_objective_gradient(arrays):
 @pytest.mark.parametrize("impl", ["chunked_loss", "chunked_loss_remat"])
 def test_chunked_gradients(impl):
     rng = np.random.default_rng(1)
-    hs, ws = rng.normal(size=(2, 3, 4)), rng.normal(size=(4, 6))
-    ht, wt = rng.normal(size=(2, 3, 5)), rng.normal(size=(5, 6))
+    hs, ws = rng.normal(size=(2, 3, 4)), rng.normal(size=(6, 4))  # ws [V, D]
+    ht, wt = rng.normal(size=(2, 3, 5)), rng.normal(size=(6, 5))
     mask = np.array([[1, 1, 0], [1, 0, 1]], bool)
     fn = getattr(L, impl)
     with jax.enable_x64(True):

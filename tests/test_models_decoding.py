@@ -99,8 +99,8 @@ def test_hidden_states_times_head_weight_is_logits(models):
         ids = jnp.asarray(random_ids(2, 10, seed=10))
         h, w, logits = _hidden_and_head(*nnx.split(model), ids)
         assert h.shape == (2, 10, model.config.hidden_size)
-        assert w.shape == (model.config.hidden_size, model.config.vocab_size)
-        np.testing.assert_allclose(np.asarray(h @ w), np.asarray(logits), atol=1e-5, rtol=0)
+        assert w.shape == (model.config.vocab_size, model.config.hidden_size)
+        np.testing.assert_allclose(np.asarray(h @ w.T), np.asarray(logits), atol=1e-5, rtol=0)
 
 
 # Measured on these tiny models (logit std ~0.8; padded batch [2, 10]): bf16 params give max-abs logit error

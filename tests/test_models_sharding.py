@@ -30,8 +30,8 @@ def test_llama2_70b_param_shapes_without_materialising():
     # The published parameter count of Llama-2-70b-hf.
     assert sum(int(np.prod(x.shape)) for x in leaves) == 68_976_648_192
     layer = model.model.layers[79].self_attn
-    assert layer.q_proj.kernel.shape == (8192, 8192) and layer.k_proj.kernel.shape == (8192, 1024)
-    assert model.model.layers[0].mlp.down_proj.kernel.shape == (28672, 8192)
+    assert layer.q_proj.weight.shape == (8192, 8192) and layer.k_proj.weight.shape == (1024, 8192)  # [out, in]
+    assert model.model.layers[0].mlp.down_proj.weight.shape == (8192, 28672)
 
 
 
@@ -55,13 +55,13 @@ def test_70b_rules_shard_every_matrix():
     state = nnx.state(abstract_model(LLAMA2_70B, jnp.bfloat16))
     shardings = tree_shardings(state, partition_rules(LLAMA2_70B), mesh)
     by_path = {path_to_str(p): s.spec for p, s in jax.tree_util.tree_flatten_with_path(shardings)[0]}
-    assert by_path["model/layers/5/self_attn/q_proj/kernel/value"] == P("fsdp", "tensor")
-    assert by_path["model/layers/5/self_attn/o_proj/kernel/value"] == P("tensor", "fsdp")
-    assert by_path["model/layers/5/mlp/down_proj/kernel/value"] == P("tensor", "fsdp")
+    assert by_path["model/layers/5/self_attn/q_proj/weight/value"] == P("tensor", "fsdp")
+    assert by_path["model/layers/5/self_attn/o_proj/weight/value"] == P("fsdp", "tensor")
+    assert by_path["model/layers/5/mlp/down_proj/weight/value"] == P("fsdp", "tensor")
     assert by_path["model/embed_tokens/embedding/value"] == P("tensor", "fsdp")
-    assert by_path["lm_head/kernel/value"] == P("fsdp", "tensor")
+    assert by_path["lm_head/weight/value"] == P("tensor", "fsdp")
     assert all(axis is None for axis in by_path["model/norm/scale/value"])  # replicated
-    matrices = [p for p in by_path if "kernel" in p or "embedding" in p]
+    matrices = [p for p in by_path if "/weight/" in p or "embedding" in p]
     assert all(len(by_path[p]) == 2 for p in matrices)  # no matrix falls through to replication
 
 
@@ -90,9 +90,9 @@ SHARDED_SCRIPT = textwrap.dedent("""
     mesh = make_mesh(MeshConfig(data=1, fsdp=2, tensor=4))
     model = pj.load_pretrained(path, mesh=mesh)  # each tensor placed by the rules while loading
     graphdef, state = nnx.split(model)
-    q = model.model.layers[0].self_attn.q_proj.kernel[...]
-    assert q.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor"), q.sharding
-    assert q.addressable_shards[0].data.shape == (16, 8)  # [32, 32] over fsdp=2 x tensor=4
+    q = model.model.layers[0].self_attn.q_proj.weight[...]
+    assert q.sharding.spec == jax.sharding.PartitionSpec("tensor", "fsdp"), q.sharding
+    assert q.addressable_shards[0].data.shape == (8, 16)  # [32, 32] over tensor=4 x fsdp=2
     ids = jnp.asarray(np.random.RandomState(0).randint(3, 300, size=(2, 12)), jnp.int32)
     step = jax.jit(lambda s, ids: nnx.merge(graphdef, s)(ids)[0])
     sharded = np.asarray(step(state, ids))

@@ -72,7 +72,7 @@ SCRIPT = textwrap.dedent(r'''
     batch_shard_shape = list(put_global_batch(data.batch(0), mesh8)["input_ids"].addressable_shards[0].data.shape)
     mesh1 = make_mesh(MeshConfig(1, 1, 1), devices=jax.devices()[:1])
     s8 = init_train_state(params, opt, rules=rules, mesh=mesh8)
-    q = s8.params["model"]["layers"][0]["self_attn"]["q_proj"]["kernel"]
+    q = s8.params["model"]["layers"][0]["self_attn"]["q_proj"]["weight"]
     sharded_spec = str(q.sharding.spec)
     shard_shape = list(q.addressable_shards[0].data.shape)
     s8, m8 = run(mesh8, s8, 0, 20)
@@ -94,10 +94,10 @@ SCRIPT = textwrap.dedent(r'''
         ab8, _ = stepper(mesh8)
         r8, _, _ = ck.restore_latest(ab8)
     exact_1_to_8 = all(np.array_equal(a, b) for a, b in zip(host(s1), host(r8)))
-    q8 = r8.params["model"]["layers"][0]["self_attn"]["q_proj"]["kernel"]
+    q8 = r8.params["model"]["layers"][0]["self_attn"]["q_proj"]["weight"]
     restored_spec = str(q8.sharding.spec)
     restored_mesh = dict(q8.sharding.mesh.shape)
-    mu_spec = str(r8.opt_state[1][0].mu["model"]["layers"][0]["self_attn"]["q_proj"]["kernel"].sharding.spec)
+    mu_spec = str(r8.opt_state[1][0].mu["model"]["layers"][0]["self_attn"]["q_proj"]["weight"].sharding.spec)
     # keep training the restored states: 8-state resumed on 1 device vs 1-state resumed on 8 devices
     r1, c1 = run(mesh1, r1, 20, 5)
     r8, c8 = run(mesh8, r8, 20, 5)
@@ -140,9 +140,9 @@ def test_8_devices_match_1_device_for_20_steps_of_online_distillation(mesh_run):
 
 
 def test_params_are_really_sharded_on_the_8_device_mesh(mesh_run):
-    # q_proj [D, H*Dh] over (fsdp, tensor): each device holds a quarter
+    # q_proj [H*Dh, D] over (tensor, fsdp): each device holds a quarter
     from jax.sharding import PartitionSpec as P
-    assert mesh_run["sharded_spec"] == str(P("fsdp", "tensor"))
+    assert mesh_run["sharded_spec"] == str(P("tensor", "fsdp"))
     full, shard = mesh_run["full_shape"], mesh_run["shard_shape"]
     assert shard == [full[0] // 2, full[1] // 2]
 

@@ -1,7 +1,8 @@
 """The speed paths of the train step compute exactly what the plain formulations compute.
 
 - ``layers.dense`` (hand-written VJP, used by every Linear and the LM head): value and gradients equal
-  autodiff through the plain ``jnp.einsum``, for fp32 and bf16, with and without ``preferred_element_type``.
+  autodiff through the plain ``jnp.einsum``, for fp32 and bf16, with and without ``preferred_element_type``,
+  on both sides of ``SMALL_BATCH_ROWS`` (few rows: the product is computed transposed).
 - ``objectives.model_logits`` (last position dropped before the LM head) equals slicing the model's logits,
   in value and in the gradient of a loss through it.
 """
@@ -19,23 +20,26 @@ from proxytune_jax.training.state import split_params
 
 
 def _plain_dense(x, w, out_dtype=None):
-    return jnp.einsum("...i,io->...o", x, w, preferred_element_type=out_dtype)
+    return jnp.einsum("...i,oi->...o", x, w, preferred_element_type=out_dtype)
 
 
+@pytest.mark.parametrize("lead", [(1,), (3, 5), (2, layers.SMALL_BATCH_ROWS // 2), (3, 50)])
 @pytest.mark.parametrize("dtype,out_dtype,tol", [(jnp.float32, None, 1e-5), (jnp.float32, jnp.float32, 1e-5),
                                                  (jnp.bfloat16, None, 2e-2), (jnp.bfloat16, jnp.float32, 2e-2)])
-def test_dense_value_and_gradients_equal_plain_einsum(dtype, out_dtype, tol):
+def test_dense_value_and_gradients_equal_plain_einsum(lead, dtype, out_dtype, tol):
     r = np.random.default_rng(0)
-    x = jnp.asarray(r.normal(size=(3, 5, 7)), dtype)
-    w = jnp.asarray(r.normal(size=(7, 4)), dtype)
-    c = jnp.asarray(r.normal(size=(3, 5, 4)), jnp.float32)
+    x = jnp.asarray(r.normal(size=lead + (7,)), dtype)
+    w = jnp.asarray(r.normal(size=(4, 7)), dtype)  # [out, in]
+    c = jnp.asarray(r.normal(size=lead + (4,)), jnp.float32)
 
     def loss(f):
         return lambda x, w: jnp.sum(f(x, w, out_dtype).astype(jnp.float32) * c)
 
-    v_fast, g_fast = jax.value_and_grad(loss(layers.dense), argnums=(0, 1))(x, w)
+    v_fast, g_fast = jax.jit(jax.value_and_grad(loss(layers.dense), argnums=(0, 1)))(x, w)
     v_ref, g_ref = jax.value_and_grad(loss(_plain_dense), argnums=(0, 1))(x, w)
     assert layers.dense(x, w, out_dtype).dtype == _plain_dense(x, w, out_dtype).dtype
+    np.testing.assert_allclose(np.asarray(jax.jit(layers.dense, static_argnums=2)(x, w, out_dtype), np.float32),
+                               np.asarray(_plain_dense(x, w, out_dtype), np.float32), rtol=tol, atol=tol)
     np.testing.assert_allclose(float(v_fast), float(v_ref), rtol=tol)
     for a, b, like in zip(g_fast, g_ref, (x, w)):
         assert a.dtype == like.dtype and a.shape == like.shape

@@ -131,10 +131,10 @@ def test_schedule_warmup_cosine_and_decay_mask():
     assert float(lr(0)) == 0.0 and abs(float(lr(5)) - 5e-4) < 1e-9 and abs(float(lr(10)) - 1e-3) < 1e-9
     mid = 1e-4 + 0.5 * (1e-3 - 1e-4) * (1 + np.cos(np.pi * 0.5))  # halfway through the cosine
     assert abs(float(lr(60)) - mid) < 1e-8 and abs(float(lr(110)) - 1e-4) < 1e-9
-    params = {"model": {"norm": {"scale": jnp.ones(4)}, "layers": {0: {"q_proj": {"kernel": jnp.ones((4, 4)),
+    params = {"model": {"norm": {"scale": jnp.ones(4)}, "layers": {0: {"q_proj": {"weight": jnp.ones((4, 4)),
                                                                                "bias": jnp.ones(4)}}}}}
     mask = decay_mask(params)
-    assert mask["model"]["layers"][0]["q_proj"] == {"kernel": True, "bias": False}
+    assert mask["model"]["layers"][0]["q_proj"] == {"weight": True, "bias": False}
     assert mask["model"]["norm"]["scale"] is False
     with pytest.raises(UserError, match="warmup_steps"):
         learning_rate_schedule(OptimConfig(warmup_steps=20, total_steps=10))

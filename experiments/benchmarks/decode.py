@@ -53,13 +53,15 @@ def n_params(model) -> int:
 
 
 def read_bandwidth(n_bytes: int = 1 << 30) -> float:
-    """Bytes/s of reading a large float32 array: the best of an XLA reduction, an XLA matrix-vector product
-    over a 1 GiB matrix (the access pattern of a decode step) and a NumPy sum, each best of a few."""
+    """Bytes/s of reading a large float32 array: the best of an XLA reduction, XLA matrix-vector products
+    over a 1 GiB matrix in both orientations (the access pattern of a decode step: ``v @ W`` and ``W @ v``, the
+    latter being what ``layers.dense`` does with few rows) and a NumPy sum, each best of a few."""
     x = jnp.ones((n_bytes // 4,), jnp.float32)
     w = x.reshape(8192, -1)
     v = jnp.ones((1, 8192), jnp.float32)
+    u = jnp.ones((w.shape[1], 1), jnp.float32)
     best = 0.0
-    for f, args in ((jax.jit(jnp.sum), (x,)), (jax.jit(jnp.matmul), (v, w))):
+    for f, args in ((jax.jit(jnp.sum), (x,)), (jax.jit(jnp.matmul), (v, w)), (jax.jit(jnp.matmul), (w, u))):
         f(*args).block_until_ready()
         for _ in range(5):
             t = time.perf_counter()

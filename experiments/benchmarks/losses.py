@@ -85,9 +85,9 @@ def measure(fn, args, repeats, warmup=True):
 def _inputs(n, d, vocab, seed=0):
     key = jax.random.split(jax.random.PRNGKey(seed), 5)
     hs = jax.random.normal(key[0], (n, d), jnp.float32)
-    ws = jax.random.normal(key[1], (d, vocab), jnp.float32) * d ** -0.5
+    ws = jax.random.normal(key[1], (vocab, d), jnp.float32) * d ** -0.5  # [V, D]
     ht = jax.random.normal(key[2], (n, d), jnp.float32)
-    wt = jax.random.normal(key[3], (d, vocab), jnp.float32) * (2.0 / d) ** 0.5
+    wt = jax.random.normal(key[3], (vocab, d), jnp.float32) * (2.0 / d) ** 0.5
     labels = jax.random.randint(key[4], (n,), 0, vocab)
     return hs, ws, ht, wt, labels
 

@@ -7,16 +7,20 @@ b1 0.9, b2 0.95). Same weights (the JAX side loads the folders transformers wrot
 step's loss is printed for both sides as a sanity check.
 
     python experiments/benchmarks/train.py [--size tiny|small] [--batch 8] [--seq 128] [--steps 20]
-                                           [--threads N]
+                                           [--block 5] [--threads N]
 
 Prints a table: median seconds per step (wall clock and process CPU time), tokens/s (real tokens in the batch /
 median wall-clock step time), and the JAX / PyTorch ratios. With ``--threads 1`` the CPU-time ratio is the
 measure least disturbed by other jobs on a shared machine (with more threads it also counts spin-waiting).
 
 Fairness: both sides get the same number of threads (``--threads``; default: the cores this process may use,
-which is what XLA:CPU uses); after one untimed warm-up step each, the timed steps of the two sides are
-*interleaved* (JAX step, PyTorch step, JAX step, ...) so that load from other processes on a shared machine hits
-both sides alike; the JAX timing blocks on the new state and metrics; the state is donated.
+which is what XLA:CPU uses); after one untimed warm-up step each, the two sides alternate in *blocks* of
+``--block`` consecutive steps (JAX block, PyTorch block, ...) so that load from other processes on a shared
+machine hits both sides alike. The first step of every block is not timed: it absorbs the switch (the other
+library's worker threads spinning down, this one's waking up), which a real training loop, running steps back
+to back, never pays. (Alternating single steps with a pause in between, as this script did before, charged
+XLA's parked worker threads' wake-up to every JAX step: 59 ms instead of 41-45 ms per tiny step.) The JAX timing
+blocks on the new state and metrics; the state is donated.
 """
 from __future__ import annotations
 
@@ -153,11 +157,16 @@ def setup_torch(student_dir, teacher_dir, batches):
     return lambda i: step(torch_batches[i % len(torch_batches)])
 
 
-def timed(run, i, settle_s: float = 0.0):
-    time.sleep(settle_s)  # let the other library's worker threads stop spinning before the clock starts
+def timed(run, i):
     t0, c0 = time.perf_counter(), time.process_time()
     loss = run(i)
     return loss, time.perf_counter() - t0, time.process_time() - c0
+
+
+def timed_block(run, first: int, block: int) -> list[tuple[float, float]]:
+    """``block`` consecutive steps from batch ``first``; (wall, CPU) seconds of all but the first."""
+    run(first)  # untimed: the switch from the other library
+    return [timed(run, first + j)[1:] for j in range(1, block)]
 
 
 def main(argv=None) -> int:
@@ -170,7 +179,8 @@ def main(argv=None) -> int:
                    help="cores for BOTH sides: the process is pinned to N cores (sched_setaffinity; XLA:CPU "
                         "uses the cores it may run on) and torch.set_num_threads(N). 0: all cores available. "
                         "1 is the comparison least disturbed by other jobs on a shared machine")
-    p.add_argument("--settle", type=float, default=0.1, help="untimed pause (s) before each timed step")
+    p.add_argument("--block", type=int, default=5,
+                   help="consecutive steps per side before switching (the first of each block is not timed)")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     args = p.parse_args(argv)
 
@@ -187,10 +197,15 @@ def main(argv=None) -> int:
         run_torch = setup_torch(student_dir, teacher_dir, batches)
         jl, jc, _ = timed(run_jax, 0)  # first step: compilation (JAX) / warm-up (PyTorch)
         tl, tc, _ = timed(run_torch, 0)
+        if args.block < 2:
+            p.error("--block must be >= 2 (the first step of each block is not timed)")
         jt, tt = [], []
-        for i in range(1, args.steps + 1):  # interleaved, so both sides see the same background load
-            jt.append(timed(run_jax, i, args.settle)[1:])
-            tt.append(timed(run_torch, i, args.settle)[1:])
+        i = 1
+        while len(jt) < args.steps:  # alternating blocks, so both sides see the same background load
+            jt += timed_block(run_jax, i, args.block)
+            tt += timed_block(run_torch, i, args.block)
+            i += args.block
+        jt, tt = jt[:args.steps], tt[:args.steps]
     jm, tm = (statistics.median(t for t, _ in x) for x in (jt, tt))
     jcpu, tcpu = (statistics.median(c for _, c in x) for x in (jt, tt))
     rows = [("proxytune_jax (jit)", jl, jc, jm, jcpu, tokens / jm),
@@ -198,7 +213,7 @@ def main(argv=None) -> int:
     print(f"online distillation step, size={args.size} (student {SIZES[args.size][0]['hidden_size']}x"
           f"{SIZES[args.size][0]['num_hidden_layers']}, teacher {SIZES[args.size][1]['hidden_size']}x"
           f"{SIZES[args.size][1]['num_hidden_layers']}), vocab {VOCAB}, batch {args.batch} x {args.seq}, "
-          f"{args.steps} interleaved timed steps, threads: torch {torch.get_num_threads()}, "
+          f"{args.steps} timed steps in alternating blocks of {args.block}, threads: torch {torch.get_num_threads()}, "
           f"cores (XLA) {threads}; {tokens:.0f} real tokens per batch")
     print(f"{'implementation':<22} {'first loss':>11} {'first step s':>13} {'median s/step':>14} "
           f"{'median CPU s/step':>18} {'tokens/s':>10}")

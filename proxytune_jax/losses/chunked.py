@@ -1,6 +1,6 @@
 """Memory-lean distillation: per-position losses from final hidden states and LM-head weights, in chunks.
 
-The plain path builds student and teacher logits ``[B, T, V]`` in float32 (``h @ W``), and reverse mode keeps
+The plain path builds student and teacher logits ``[B, T, V]`` in float32 (``h @ W.T``), and reverse mode keeps
 several such arrays alive (logits, softmaxes, their cotangents): at ``B·T = 4096`` and ``V = 128k`` each one is
 2 GiB. Here the positions are flattened, padded to a multiple of ``chunk_size`` and scanned over
 (``lax.scan``); only ``[chunk_size, V]`` logits ever exist.
@@ -9,7 +9,7 @@ Two variants, same value and gradient as ``loss_from_hidden`` (the plain referen
 
 - ``chunked_loss`` (default choice): a ``custom_vjp`` whose forward scan also computes, chunk by chunk, the
   gradient of the chunk's loss sum w.r.t. the chunk logits and immediately contracts it into
-  ``d student_hidden`` (``[c, V] @ [V, D]``) and an accumulated ``d student_weight`` (``[D, V]``). Nothing is
+  ``d student_hidden`` (``[c, V] @ [V, D]``) and an accumulated ``d student_weight`` (``[V, D]``). Nothing is
   recomputed, so it costs the same matmuls as the plain path. The **teacher is a constant**: its hidden states
   and weight get a zero cotangent (the plain reference applies ``stop_gradient`` to the teacher too). Without
   differentiation it runs a value-only scan. First-order reverse mode only (no ``jvp``/Hessians).
@@ -40,10 +40,11 @@ DEFAULT_CHUNK_ELEMENTS = 1 << 24  # ~64 MiB per [chunk, V] float32 temporary
 
 
 def lm_logits(hidden, weight) -> jax.Array:
-    """float32 logits ``hidden [..., D] @ weight [D, V] -> [..., V]`` (bf16 inputs accumulate in fp32;
-    float64 inputs, as in finite-difference checks under x64, stay float64)."""
+    """float32 logits ``hidden [..., D] @ weight [V, D].T -> [..., V]`` (the LM head stored ``[V, D]`` like HF's
+    ``lm_head.weight`` and a tied embedding; bf16 inputs accumulate in fp32; float64 inputs, as in
+    finite-difference checks under x64, stay float64)."""
     dt = jnp.promote_types(jnp.result_type(hidden, weight), F32)
-    return jnp.matmul(hidden, weight, preferred_element_type=dt).astype(dt)
+    return jnp.einsum("...d,vd->...v", hidden, weight, preferred_element_type=dt).astype(dt)
 
 
 def resolve_per_position(loss):
@@ -58,12 +59,14 @@ def resolve_per_position(loss):
 
 
 def _check_hidden(student_hidden, student_weight, teacher_hidden, teacher_weight):
-    if student_hidden.shape[-1] != student_weight.shape[0]:
-        raise UserError(f"student hidden size {student_hidden.shape[-1]} != LM-head rows {student_weight.shape[0]}; "
-                        "pass the head weight as [D, V] (transpose an HF [V, D] embedding).")
-    if teacher_hidden.shape[-1] != teacher_weight.shape[0]:
-        raise UserError(f"teacher hidden size {teacher_hidden.shape[-1]} != LM-head rows {teacher_weight.shape[0]}; "
-                        "pass the head weight as [D, V] (transpose an HF [V, D] embedding).")
+    if student_hidden.shape[-1] != student_weight.shape[-1]:
+        raise UserError(f"student hidden size {student_hidden.shape[-1]} != LM-head columns "
+                        f"{student_weight.shape[-1]}; pass the head weight as [V, D] (HF lm_head.weight or the "
+                        "tied embedding; model.lm_head_weight() returns it).")
+    if teacher_hidden.shape[-1] != teacher_weight.shape[-1]:
+        raise UserError(f"teacher hidden size {teacher_hidden.shape[-1]} != LM-head columns "
+                        f"{teacher_weight.shape[-1]}; pass the head weight as [V, D] (HF lm_head.weight or the "
+                        "tied embedding; model.lm_head_weight() returns it).")
     if student_hidden.shape[:-1] != teacher_hidden.shape[:-1]:
         raise UserError(f"student positions {student_hidden.shape[:-1]} != teacher positions "
                         f"{teacher_hidden.shape[:-1]}; pass hidden states for the same positions.")
@@ -98,7 +101,7 @@ def _prepare(student_hidden, student_weight, teacher_hidden, teacher_weight, mas
     lead = student_hidden.shape[:-1]
     m = as_mask(mask, lead)
     n = int(math.prod(lead))
-    vocab = max(student_weight.shape[1], teacher_weight.shape[1])
+    vocab = max(student_weight.shape[0], teacher_weight.shape[0])
     chunk = default_chunk_size(n, vocab) if chunk_size is None else int(chunk_size)
     if chunk < 1:
         raise UserError(f"chunk_size must be >= 1, got {chunk_size}.")
@@ -153,8 +156,8 @@ def _fused_total_fwd(fn, hs, ws, ht, wt, mc, pos):
         h, h_t, m_c, pos_c = xs
         t_logits = lm_logits(h_t, wt)
         val, g = jax.value_and_grad(lambda s: _chunk_total(fn, s, t_logits, m_c, pos_c))(lm_logits(h, ws))
-        dh = jnp.matmul(g, ws.T.astype(acc)).astype(hs.dtype)  # [c, V] @ [V, D]
-        dw = dw + jnp.matmul(h.T.astype(acc), g)  # [D, c] @ [c, V]
+        dh = jnp.matmul(g, ws.astype(acc)).astype(hs.dtype)  # [c, V] @ [V, D]
+        dw = dw + jnp.einsum("cv,cd->vd", g, h.astype(acc))  # [V, D]
         return (total + val, dw), dh
 
     acc = _acc_dtype(hs, ws)
@@ -180,8 +183,8 @@ def chunked_loss(loss, student_hidden, student_weight, teacher_hidden, teacher_w
 
     Args:
       loss: a name from ``PER_POSITION`` (``"forward_kl"``, ``"hinton_kd"``, …) or a per-position function.
-      student_hidden: ``[..., D]`` final (normed) student hidden states; ``student_weight``: ``[D, V]``.
-      teacher_hidden: ``[..., Dt]``; ``teacher_weight``: ``[Dt, Vt]`` — treated as constants (zero gradient).
+      student_hidden: ``[..., D]`` final (normed) student hidden states; ``student_weight``: ``[V, D]``.
+      teacher_hidden: ``[..., Dt]``; ``teacher_weight``: ``[Vt, Dt]`` — treated as constants (zero gradient).
       mask: ``[...]`` valid positions (None = all).
       chunk_size: positions per chunk (default: ~64 MiB per ``[chunk, V]`` float32 array).
       position_args: dict of per-position side inputs (e.g. ``{"labels": labels}``), chunked alongside.

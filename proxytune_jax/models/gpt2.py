@@ -1,7 +1,7 @@
 """GPT-2 causal LM in Flax NNX: learned positions, fused q/k/v, GELU (tanh), tied LM head.
 
 Submodules are named like Hugging Face's ``GPT2LMHeadModel``. HF GPT-2 uses ``Conv1D`` whose ``weight`` is
-already ``[in, out]``, so weights map without transposes (table ``HF_NAMES``).
+``[in, out]``; our ``Linear.weight`` is ``[out, in]``, so those weights are transposed (table ``HF_NAMES``).
 
 Shapes: B batch, T new tokens, S key slots, D hidden, H heads, Dh head dim, F mlp, V vocab.
 """
@@ -200,16 +200,17 @@ class GPT2LMHeadModel(CausalLM):
 
 
 
-# (our parameter path regex, HF tensor name template, transpose?) — Conv1D weights are already [in, out].
+# (our parameter path regex, HF tensor name template, transpose?) — Conv1D weights are [in, out], ours
+# [out, in].
 HF_NAMES: tuple[tuple[str, str, bool], ...] = (
     (r"transformer/(wte|wpe)/embedding", r"transformer.\1.weight", False),
-    (r"transformer/h/(\d+)/(attn|mlp)/(c_\w+)/(kernel)", r"transformer.h.\1.\2.\3.weight", False),
-    (r"transformer/h/(\d+)/(attn|mlp)/(c_\w+)/(bias)", r"transformer.h.\1.\2.\3.bias", False),
+    (r"transformer/h/(\d+)/(attn|mlp)/(c_\w+)/weight", r"transformer.h.\1.\2.\3.weight", True),
+    (r"transformer/h/(\d+)/(attn|mlp)/(c_\w+)/bias", r"transformer.h.\1.\2.\3.bias", False),
     (r"transformer/h/(\d+)/(ln_\d)/scale", r"transformer.h.\1.\2.weight", False),
     (r"transformer/h/(\d+)/(ln_\d)/bias", r"transformer.h.\1.\2.bias", False),
     (r"transformer/ln_f/scale", r"transformer.ln_f.weight", False),
     (r"transformer/ln_f/bias", r"transformer.ln_f.bias", False),
-    (r"lm_head/kernel", r"lm_head.weight", True),
+    (r"lm_head/weight", r"lm_head.weight", False),
 )
 # Causal-mask buffers of old checkpoints (``h.0.attn.bias [1, 1, n, n]``, ``attn.masked_bias``).
 HF_IGNORED = (r"\.attn\.bias$", r"\.attn\.masked_bias$")
@@ -222,9 +223,9 @@ def partition_rules(config: GPT2Config) -> tuple[tuple[str, P], ...]:
     return (
         (r"wte/embedding", P("tensor", "fsdp")),  # [V, D]
         (r"wpe/embedding", P(None, "fsdp")),  # [P, D]
-        (r"(attn/c_attn|mlp/c_fc)/kernel", P("fsdp", "tensor")),  # [D, 3D] / [D, F]
+        (r"(attn/c_attn|mlp/c_fc)/weight", P("tensor", "fsdp")),  # [3D, D] / [F, D]
         (r"(attn/c_attn|mlp/c_fc)/bias", P("tensor")),  # [3D] / [F]
-        (r"(attn|mlp)/c_proj/kernel", P("tensor", "fsdp")),  # [D, D] / [F, D]
-        (r"lm_head/kernel", P("fsdp", "tensor")),  # [D, V]
+        (r"(attn|mlp)/c_proj/weight", P("fsdp", "tensor")),  # [D, D] / [D, F]
+        (r"lm_head/weight", P("tensor", "fsdp")),  # [V, D]
         (r"ln_(\d|f)/(scale|bias)|c_proj/bias", P()),
     )

@@ -2,8 +2,8 @@
 
 A folder holds ``config.json`` and either ``model.safetensors`` or shards listed in
 ``model.safetensors.index.json``. Each family declares ``HF_NAMES``: ``(our path regex, HF name template,
-transpose?)``, e.g. ``model/layers/3/self_attn/q_proj/kernel`` <-> ``model.layers.3.self_attn.q_proj.weight``
-(transposed: PyTorch ``Linear.weight`` is ``[out, in]``, our ``kernel`` is ``[in, out]``).
+transpose?)``, e.g. ``model/layers/3/self_attn/q_proj/weight`` <-> ``model.layers.3.self_attn.q_proj.weight``
+(our ``Linear.weight`` is ``[out, in]`` like PyTorch's; GPT-2's ``Conv1D`` weights are transposed).
 Saved folders load in transformers' PyTorch ``AutoModelForCausalLM``; tokenizers are not touched here
 (use ``transformers.AutoTokenizer`` and its ``save_pretrained``).
 """

@@ -2,7 +2,7 @@
 (sliding-window attention), Qwen2 (q/k/v biases). Grouped-query attention, tied or untied embeddings.
 
 Submodules are named like Hugging Face's ``LlamaForCausalLM`` so weights map by the short table
-``HF_NAMES`` (HF ``Linear.weight [out, in]`` is our ``kernel [in, out]``, hence the transpose).
+``HF_NAMES`` (our ``Linear.weight`` is ``[out, in]`` like HF's, so nothing is transposed).
 
 Shapes: B batch, T new tokens, S key slots, D hidden, H query heads, K kv heads, Dh head dim, F mlp, V vocab.
 """
@@ -328,14 +328,14 @@ class LlamaForCausalLM(CausalLM):
 
 # ------------------------------------------------------------------------------------ HF names, sharding
 
-# (our parameter path regex, HF tensor name template, transpose?) — HF Linear.weight is [out, in].
+# (our parameter path regex, HF tensor name template, transpose?) — our Linear.weight is HF's [out, in].
 HF_NAMES: tuple[tuple[str, str, bool], ...] = (
     (r"model/embed_tokens/embedding", r"model.embed_tokens.weight", False),
-    (r"model/layers/(\d+)/(self_attn|mlp)/(\w+_proj)/kernel", r"model.layers.\1.\2.\3.weight", True),
+    (r"model/layers/(\d+)/(self_attn|mlp)/(\w+_proj)/weight", r"model.layers.\1.\2.\3.weight", False),
     (r"model/layers/(\d+)/(self_attn|mlp)/(\w+_proj)/bias", r"model.layers.\1.\2.\3.bias", False),
     (r"model/layers/(\d+)/(\w+_layernorm)/scale", r"model.layers.\1.\2.weight", False),
     (r"model/norm/scale", r"model.norm.weight", False),
-    (r"lm_head/kernel", r"lm_head.weight", True),
+    (r"lm_head/weight", r"lm_head.weight", False),
 )
 # HF tensors that carry no parameters of ours (buffers of old checkpoints).
 HF_IGNORED = (r"rotary_emb\.inv_freq$",)
@@ -346,12 +346,12 @@ def partition_rules(config: LlamaConfig) -> tuple[tuple[str, P], ...]:
     del config  # same rules for every size
     return (
         (r"embed_tokens/embedding", P("tensor", "fsdp")),  # [V, D]
-        (r"self_attn/(q|k|v)_proj/kernel", P("fsdp", "tensor")),  # [D, H*Dh]
+        (r"self_attn/(q|k|v)_proj/weight", P("tensor", "fsdp")),  # [H*Dh, D]
         (r"self_attn/(q|k|v)_proj/bias", P("tensor")),  # [H*Dh]
-        (r"self_attn/o_proj/kernel", P("tensor", "fsdp")),  # [H*Dh, D]
-        (r"mlp/(gate|up)_proj/kernel", P("fsdp", "tensor")),  # [D, F]
+        (r"self_attn/o_proj/weight", P("fsdp", "tensor")),  # [D, H*Dh]
+        (r"mlp/(gate|up)_proj/weight", P("tensor", "fsdp")),  # [F, D]
         (r"mlp/(gate|up)_proj/bias", P("tensor")),  # [F]
-        (r"mlp/down_proj/kernel", P("tensor", "fsdp")),  # [F, D]
-        (r"lm_head/kernel", P("fsdp", "tensor")),  # [D, V]
+        (r"mlp/down_proj/weight", P("fsdp", "tensor")),  # [D, F]
+        (r"lm_head/weight", P("tensor", "fsdp")),  # [V, D]
         (r"(layernorm|norm)/scale", P()),  # [D]
     )

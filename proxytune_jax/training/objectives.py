@@ -277,7 +277,7 @@ def online_distillation_chunked_objective(student_graphdef: nnx.GraphDef, teache
         ht, _ = teacher.hidden_states(ids, attn)  # [B, T, Dt]
         ht, wt = jax.lax.stop_gradient(ht[:, :-1]), jax.lax.stop_gradient(teacher.lm_head_weight())
         ws = student.lm_head_weight()
-        wt = wt[:, : ws.shape[-1]]
+        wt = wt[: ws.shape[0]]
         pos = {"labels": labels} if wants_labels else None
         kd = chunked_loss(loss, hs[:, :-1], ws, ht, wt, mask, chunk_size=chunk_size, position_args=pos, **kwargs)
         total = kd_weight * kd

@@ -1,7 +1,7 @@
 """The train state: one pytree holding everything a step changes.
 
 ``params`` is a *pure* nested dict of arrays (``nnx.to_pure_dict(nnx.split(model)[1])``): parameter paths read
-like ``model/layers/0/self_attn/q_proj/kernel``, which the partition rules, weight-decay masks and orbax
+like ``model/layers/0/self_attn/q_proj/weight``, which the partition rules, weight-decay masks and orbax
 all see directly. ``nnx.merge(graphdef, params)`` rebuilds the module inside a jitted step.
 
 ``rng`` is a raw ``uint32[2]`` key (``jax.random.PRNGKey`` layout) so checkpoints store plain arrays; the step
