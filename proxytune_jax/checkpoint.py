@@ -165,17 +165,12 @@ class Checkpointer:
         diffs = [f"{k}: missing in checkpoint" for k in want if k not in saved]
         diffs += [f"{k}: not in this run's state" for k in saved if k not in want]
         diffs += [f"{k}: saved {saved[k]}, expected {want[k]}" for k in want if k in saved and saved[k] != want[k]]
-        if any(k.endswith("/kernel") and k[: -len("kernel")] + "weight" in want for k in saved):
-            raise UserError(
-                f"checkpoint step {step} in {self.directory} stores linear layers as 'kernel' [in, out], the layout "
-                "of proxytune_jax before linear weights became 'weight' [out, in] (as in PyTorch / Hugging Face). "
-                "Export its params with the version that wrote it (proxytune_jax.save_pretrained) and start from "
-                "that Hugging Face folder, or use a new --workdir")
         if diffs:
             raise UserError(
-                f"checkpoint step {step} in {self.directory} was written by a different model, optimizer or "
-                f"objective ({len(diffs)} differences, e.g. {'; '.join(diffs[:3])}); resume with the "
-                "configuration that wrote it, or use a new --workdir")
+                f"checkpoint step {step} in {self.directory} was written by a different model, optimizer, "
+                f"objective or proxytune_jax version ({len(diffs)} differences, e.g. {'; '.join(diffs[:3])}); "
+                "resume with the configuration and version that wrote it (or export its params with that "
+                "version's save_pretrained and start from the Hugging Face folder), or use a new --workdir")
 
     def wait(self) -> None:
         self._manager.wait_until_finished()

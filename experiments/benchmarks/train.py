@@ -18,9 +18,9 @@ which is what XLA:CPU uses); after one untimed warm-up step each, the two sides 
 ``--block`` consecutive steps (JAX block, PyTorch block, ...) so that load from other processes on a shared
 machine hits both sides alike. The first step of every block is not timed: it absorbs the switch (the other
 library's worker threads spinning down, this one's waking up), which a real training loop, running steps back
-to back, never pays. (Alternating single steps with a pause in between, as this script did before, charged
-XLA's parked worker threads' wake-up to every JAX step: 59 ms instead of 41-45 ms per tiny step.) The JAX timing
-blocks on the new state and metrics; the state is donated.
+to back, never pays (a pause before every timed step would instead charge the wake-up of XLA's parked worker
+threads to each JAX step: 59 ms instead of 41-45 ms per tiny step). The JAX timing blocks on the new state and
+metrics; the state is donated.
 """
 from __future__ import annotations
 
@@ -183,6 +183,8 @@ def main(argv=None) -> int:
                    help="consecutive steps per side before switching (the first of each block is not timed)")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     args = p.parse_args(argv)
+    if args.block < 2:
+        p.error("--block must be >= 2 (the first step of each block is not timed)")
 
     if args.threads:  # pin the process to N cores before jax is imported: XLA:CPU sizes its pools from them
         os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:args.threads])
@@ -197,8 +199,6 @@ def main(argv=None) -> int:
         run_torch = setup_torch(student_dir, teacher_dir, batches)
         jl, jc, _ = timed(run_jax, 0)  # first step: compilation (JAX) / warm-up (PyTorch)
         tl, tc, _ = timed(run_torch, 0)
-        if args.block < 2:
-            p.error("--block must be >= 2 (the first step of each block is not timed)")
         jt, tt = [], []
         i = 1
         while len(jt) < args.steps:  # alternating blocks, so both sides see the same background load

@@ -1,8 +1,8 @@
 """Building blocks shared by every family: dense layers, embeddings, norms, masks and attention.
 
 Parameter names: ``weight`` ``[out, in]`` (the PyTorch / Hugging Face layout, see :func:`dense` for why),
-``bias``, ``embedding`` ``[V, D]``, ``scale``, so the partition rules of every family read the same. Activations run in the parameter dtype; norms, softmax and
-logits run in float32.
+``bias``, ``embedding`` ``[V, D]``, ``scale``, so the partition rules of every family read the same.
+Activations run in the parameter dtype; norms, softmax and logits run in float32.
 """
 from __future__ import annotations
 
