@@ -3,6 +3,9 @@
 - ``layers.dense`` (hand-written VJP, used by every Linear and the LM head): value and gradients equal
   autodiff through the plain ``jnp.einsum``, for fp32 and bf16, with and without ``preferred_element_type``,
   on both sides of ``SMALL_BATCH_ROWS`` (few rows: the product is computed transposed).
+- ``attention.attend`` (hand-written VJP): value equals a NumPy softmax-attention formula and gradients equal
+  autodiff through the plain einsum/where/softmax formulation, for MHA/GQA/MQA, left padding (query rows
+  with no allowed key), sliding windows, decode shapes (T < S), fp32 and bf16; random masks (hypothesis).
 - ``objectives.model_logits`` (last position dropped before the LM head) equals slicing the model's logits,
   in value and in the gradient of a loss through it.
 """
@@ -12,8 +15,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from proxytune_jax.models import layers
+from proxytune_jax.models.attention import MASK_VALUE, attend
 from proxytune_jax.models.llama import LlamaConfig, LlamaForCausalLM
 from proxytune_jax.training.objectives import model_logits
 from proxytune_jax.training.state import split_params
@@ -44,6 +49,91 @@ def test_dense_value_and_gradients_equal_plain_einsum(lead, dtype, out_dtype, to
     for a, b, like in zip(g_fast, g_ref, (x, w)):
         assert a.dtype == like.dtype and a.shape == like.shape
         np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=tol, atol=tol)
+
+
+def _plain_attend(q, k, v, allowed, scale):
+    """Autodiff reference: the textbook GQA formulation, no custom VJP."""
+    b, t, h, d = q.shape
+    kv = k.shape[1]
+    q5 = q.reshape(b, t, kv, h // kv, d)
+    s = jnp.einsum("btkgd,bksd->bkgts", q5, k.astype(q.dtype), preferred_element_type=jnp.float32) * scale
+    p = jax.nn.softmax(jnp.where(allowed[:, None, None], s, MASK_VALUE), axis=-1)
+    return jnp.einsum("bkgts,bksd->btkgd", p.astype(v.dtype), v).reshape(b, t, h, d).astype(q.dtype)
+
+
+def _numpy_attend(q, k, v, allowed, scale):
+    q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+    b, t, h, d = q.shape
+    rep = h // k.shape[1]
+    k, v = np.repeat(k, rep, axis=1), np.repeat(v, rep, axis=1)  # [B, H, S, D]
+    s = np.einsum("bthd,bhsd->bhts", q, k) * scale
+    s = np.where(np.asarray(allowed)[:, None], s, -1e30)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    return np.einsum("bhts,bhsd->bthd", p, v)
+
+
+def _attention_case(r, b, t, s, h, kv, d, allowed, dtype, tol):
+    q = jnp.asarray(r.normal(size=(b, t, h, d)), dtype)
+    k = jnp.asarray(r.normal(size=(b, kv, s, d)), dtype)
+    v = jnp.asarray(r.normal(size=(b, kv, s, d)), dtype)
+    c = jnp.asarray(r.normal(size=(b, t, h, d)), jnp.float32)
+    allowed = jnp.asarray(allowed)
+    scale = d ** -0.5
+
+    def loss(f):
+        return lambda q, k, v: jnp.sum(f(q, k, v, allowed, scale).astype(jnp.float32) * c)
+
+    out = jax.jit(attend, static_argnums=4)(q, k, v, allowed, scale)
+    assert out.dtype == q.dtype and out.shape == q.shape
+    np.testing.assert_allclose(np.asarray(out, np.float32), _numpy_attend(q, k, v, allowed, scale),
+                               rtol=tol, atol=tol)
+    v_fast, g_fast = jax.jit(jax.value_and_grad(loss(attend), argnums=(0, 1, 2)))(q, k, v)
+    v_ref, g_ref = jax.value_and_grad(loss(_plain_attend), argnums=(0, 1, 2))(q, k, v)
+    np.testing.assert_allclose(float(v_fast), float(v_ref), rtol=tol, atol=tol)
+    for a, b_, like in zip(g_fast, g_ref, (q, k, v)):
+        assert a.dtype == like.dtype and a.shape == like.shape
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b_, np.float32), rtol=tol, atol=tol)
+    return g_fast
+
+
+def _causal(b, t, s, starts, window=None):
+    """[B, T, S]: query t sits at slot s - t + t_idx; keys from each row's start, causal, optional window."""
+    qs = np.arange(t)[:, None] + (s - t)
+    ks = np.arange(s)[None, :]
+    allowed = (ks <= qs)[None] & (ks[None] >= np.asarray(starts)[:, None, None])
+    if window is not None:
+        allowed &= (qs - ks < window)[None]
+    return np.broadcast_to(allowed, (b, t, s))
+
+
+@pytest.mark.parametrize("heads", [(4, 4), (4, 2), (4, 1)])  # MHA, GQA, MQA
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 2e-5), (jnp.bfloat16, 5e-2)])
+def test_attend_value_and_gradients_equal_references(heads, dtype, tol):
+    h, kv = heads
+    r = np.random.default_rng(h * 10 + kv)
+    b, t, d = 3, 9, 8
+    allowed = _causal(b, t, t, starts=[0, 4, 8])  # row 1: 4 pad queries; row 2: only the last query is real
+    g_q = _attention_case(r, b, t, t, h, kv, d, allowed, dtype, tol)[0]
+    # pad query rows (no allowed key) get a uniform softmax forward and exactly zero gradient backward
+    assert not np.asarray(allowed[1, :4]).any()
+    assert float(jnp.abs(g_q[1, :4]).max()) == 0.0 and float(jnp.abs(g_q[2, :8]).max()) == 0.0
+
+
+def test_attend_decode_shape_and_sliding_window():
+    r = np.random.default_rng(5)
+    _attention_case(r, 2, 1, 12, 4, 2, 8, _causal(2, 1, 12, starts=[0, 5]), jnp.float32, 2e-5)  # one new token
+    _attention_case(r, 2, 3, 12, 4, 2, 8, _causal(2, 3, 12, starts=[0, 5]), jnp.float32, 2e-5)  # three
+    _attention_case(r, 2, 10, 10, 4, 2, 8, _causal(2, 10, 10, starts=[0, 2], window=3), jnp.float32, 2e-5)
+
+
+@settings(max_examples=15, deadline=None)
+@given(st.integers(0, 2**31 - 1), st.sampled_from([(2, 1), (2, 2), (6, 3)]))
+def test_attend_gradients_equal_autodiff_for_random_masks(seed, heads):
+    r = np.random.default_rng(seed)
+    allowed = r.random((2, 5, 7)) < 0.5  # arbitrary masks, fully masked rows included
+    allowed[0, 0] = False
+    _attention_case(r, 2, 5, 7, heads[0], heads[1], 4, allowed, jnp.float32, 2e-5)
 
 
 def test_model_logits_equal_sliced_model_logits_in_value_and_gradient():

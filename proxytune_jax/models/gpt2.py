@@ -15,8 +15,9 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from proxytune_jax.errors import UserError
+from proxytune_jax.models.attention import attend
 from proxytune_jax.models.cache import KVCache
-from proxytune_jax.models.layers import (AttentionLayout, CausalLM, Embed, LayerNorm, Linear, attend, check_lengths,
+from proxytune_jax.models.layers import (AttentionLayout, CausalLM, Embed, LayerNorm, Linear, check_lengths,
                                          heads_first, root_key, split_key, write_kv)
 
 ACTIVATIONS = {

@@ -1,4 +1,5 @@
-"""Building blocks shared by every family: dense layers, embeddings, norms, masks and attention.
+"""Building blocks shared by every family: dense layers, embeddings, norms and attention masks (the attention
+itself is ``models.attention``).
 
 Parameter names: ``weight`` ``[out, in]`` (the PyTorch / Hugging Face layout, see :func:`dense` for why),
 ``bias``, ``embedding`` ``[V, D]``, ``scale``, so the partition rules of every family read the same.
@@ -15,11 +16,6 @@ from flax import nnx
 
 from proxytune_jax.errors import UserError
 from proxytune_jax.models.cache import KVCache, positions_from_mask
-
-# Masked attention scores are replaced (``jnp.where``, never added) by this finite value: a fully masked row
-# (a pad query) then gets a uniform softmax instead of NaN.
-MASK_VALUE = -1e30
-
 
 def split_key(key: jax.Array | None, num: int) -> list[jax.Array | None]:
     """``num`` independent keys (or ``None``s when building shapes only)."""
@@ -205,7 +201,7 @@ class AttentionLayout:
 
 
 def heads_first(x: jax.Array) -> jax.Array:
-    """[B, T, K, D] -> [B, K, T, D], the layout of keys/values in :func:`attend` and the KV cache (both
+    """[B, T, K, D] -> [B, K, T, D], the layout of keys/values in ``attention.attend`` and the KV cache (both
     attention products are then plain batched matmuls over (B, K): no per-step transpose of the cache)."""
     return jnp.swapaxes(x, 1, 2)
 
@@ -215,24 +211,6 @@ def write_kv(cache_k: jax.Array, cache_v: jax.Array, k: jax.Array, v: jax.Array,
     cache_k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (0, 0, at, 0))
     cache_v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, 0, at, 0))
     return cache_k, cache_v
-
-
-def attend(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array, scale: float) -> jax.Array:
-    """Grouped-query attention.
-
-    q [B, T, H, D]; k, v [B, K, S, D] (heads first) with H a multiple of K; allowed [B, T, S] bool
-    -> [B, T, H, D].
-    Scores and softmax in float32; masked scores replaced by MASK_VALUE.
-    """
-    b, t, h, d = q.shape
-    kv_heads = k.shape[1]
-    q = q.reshape(b, t, kv_heads, h // kv_heads, d)  # [B, T, K, G, D]
-    scores = jnp.einsum("btkgd,bksd->bkgts", q, k.astype(q.dtype),
-                        preferred_element_type=jnp.float32) * scale  # [B, K, G, T, S]
-    scores = jnp.where(allowed[:, None, None, :, :], scores, MASK_VALUE)
-    probs = jax.nn.softmax(scores, axis=-1)
-    out = jnp.einsum("bkgts,bksd->btkgd", probs.astype(v.dtype), v)  # [B, T, K, G, D]
-    return out.reshape(b, t, h, d).astype(q.dtype)
 
 
 def lm_logits(h: jax.Array, weight: jax.Array) -> jax.Array:

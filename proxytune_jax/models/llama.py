@@ -19,8 +19,9 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from proxytune_jax.errors import UserError
+from proxytune_jax.models.attention import attend
 from proxytune_jax.models.cache import KVCache
-from proxytune_jax.models.layers import (AttentionLayout, CausalLM, Embed, Linear, RMSNorm, attend, check_lengths,
+from proxytune_jax.models.layers import (AttentionLayout, CausalLM, Embed, Linear, RMSNorm, check_lengths,
                                          heads_first, root_key, split_key, write_kv)
 
 MODEL_TYPES = ("llama", "mistral", "qwen2")
