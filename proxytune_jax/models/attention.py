@@ -15,12 +15,16 @@ with ``dS`` zeroed where ``allowed`` is False, exactly as autodiff of ``where`` 
 allowed key (a left-pad position) gets a uniform softmax forward and exactly zero score gradient backward.
 Autodiff of the masked softmax materializes several score-sized broadcasts, selects and relayouts; this form
 makes one elementwise pass over the scores backward (``rowsum(P ∘ dP)`` is taken as ``rowsum(dO ∘ O)``, on
-the small ``[G*T, D]`` tensors). Measured on the 2-core CPU: one attention call of the tiny teacher
-(B 8, T 128, H 4, K 2, D 32) forward+backward ~4.5-5.2 -> ~3.5 ms; the online-distillation step of
-``experiments/benchmarks/train.py`` (tiny) 6-10% less time per step on 1 or 2 cores (same-process A/B against
-the autodiff formulation; vs PyTorch 1.02-1.07x -> 1.14-1.26x in alternating runs of the benchmark). Not done, on purpose: computing ``dVᵀ``/``dKᵀ`` and transposing them
-behind an ``optimization_barrier`` is faster in isolation but aborts XLA:CPU's dot emitter (a failed layout
-check, jax 0.10.2) for some decode shapes, and gained nothing inside the train step.
+the small ``[G*T, D]`` tensors).
+
+Measured on the 2-core CPU: one attention call of the tiny teacher (B 8, T 128, H 4, K 2, D 32)
+forward+backward ~4.5-5.2 -> ~3.5 ms; the online-distillation step of ``experiments/benchmarks/train.py``
+(tiny) 6-10% less time per step on 1 or 2 cores (same-process A/B against the autodiff formulation; vs
+PyTorch 1.02-1.07x -> 1.14-1.26x in alternating runs of the benchmark).
+
+Not done, on purpose: computing ``dVᵀ``/``dKᵀ`` and transposing them behind an ``optimization_barrier`` is
+faster in isolation but aborts XLA:CPU's dot emitter (a failed layout check, jax 0.10.2) for some decode
+shapes, and gained nothing inside the train step.
 """
 from __future__ import annotations
 
