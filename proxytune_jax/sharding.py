@@ -145,6 +145,14 @@ def _distributed_is_initialized() -> bool:
         return False
 
 
+def _check_batch_divisible(rows: int, mesh: Mesh) -> None:
+    n = int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
+    if rows % n:
+        from proxytune_jax.errors import UserError
+        raise UserError(f"the global batch size {rows} is not divisible by data x fsdp = {n} devices; choose a "
+                        "batch size that is a multiple of it")
+
+
 def put_global_batch(batch: Any, mesh: Mesh) -> Any:
     """Place a host batch (a pytree of NumPy arrays holding the *global* batch, identical on every process)
     on ``mesh`` with the leading dimension over data x fsdp.
@@ -153,18 +161,32 @@ def put_global_batch(batch: Any, mesh: Mesh) -> Any:
     call works on one CPU, 8 simulated devices and many hosts. The leading dimension must be divisible by
     ``mesh.shape['data'] * mesh.shape['fsdp']``.
     """
-    n = int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
-
     def one(x):
         x = np.asarray(x)
-        if x.shape[0] % n:
-            from proxytune_jax.errors import UserError
-            raise UserError(f"the global batch size {x.shape[0]} is not divisible by data x fsdp = {n} "
-                            "devices; choose a batch size that is a multiple of it")
+        _check_batch_divisible(x.shape[0], mesh)
         sharding = batch_sharding(mesh, x.ndim)
         return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
 
     return jax.tree.map(one, batch)
+
+
+def put_stacked_batches(batches: Sequence[Any], mesh: Mesh) -> Any:
+    """Place ``n`` host batches (same structure and shapes, global batches as for ``put_global_batch``) as
+    one pytree of ``[n, B, ...]`` arrays: the step axis replicated, the rows over data x fsdp. This is the
+    input of ``training.step.make_multi_step``."""
+    if not batches:
+        raise ValueError("put_stacked_batches needs at least one batch")
+
+    def one(*xs):
+        shapes = {np.shape(x) for x in xs}
+        if len(shapes) > 1:
+            raise ValueError(f"batches to stack differ in shape: {sorted(shapes)}")
+        x = np.stack([np.asarray(v) for v in xs])
+        _check_batch_divisible(x.shape[1], mesh)
+        sharding = NamedSharding(mesh, P(None, BATCH_AXES, *([None] * (x.ndim - 2))))
+        return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+
+    return jax.tree.map(one, *batches)
 
 
 def suffix_shardings(tree: Any, reference: Any, reference_shardings: Any, mesh: Mesh) -> Any:

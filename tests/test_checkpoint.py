@@ -158,7 +158,8 @@ def kill_setup(tiny_checkpoint, tmp_path_factory):
     cfg = TrainConfig(objective="online_distillation", student=str(tiny_checkpoint("llama", seed=1)),
                       teacher=str(tiny_checkpoint("llama", seed=2, hidden_size=64, intermediate_size=96)),
                       train_file=str(data), max_length=20, batch_size=4, steps=STEPS, learning_rate=5e-3,
-                      warmup_steps=2, ce_weight=0.1, save_every=SAVE_EVERY, keep_checkpoints=2, log_every=1)
+                      warmup_steps=2, ce_weight=0.1, save_every=SAVE_EVERY, keep_checkpoints=2, log_every=1,
+                      steps_per_call=2)  # calls of 2 steps and single steps before each save
     script = work / "child.py"
     script.write_text(CHILD)
     return cfg, work, script

@@ -101,11 +101,23 @@ SCRIPT = textwrap.dedent(r'''
     # keep training the restored states: 8-state resumed on 1 device vs 1-state resumed on 8 devices
     r1, c1 = run(mesh1, r1, 20, 5)
     r8, c8 = run(mesh8, r8, 20, 5)
+    # the same 5 steps on 8 devices as one make_multi_step call over stacked batches
+    from proxytune_jax.sharding import put_stacked_batches
+    from proxytune_jax.training.step import make_multi_step
+    with Checkpointer(work + "/ck1", save_every=1) as ck:
+        r8m, _, _ = ck.restore_latest(stepper(mesh8)[0])
+    stacked = put_stacked_batches([data.batch(s) for s in range(20, 25)], mesh8)
+    stacked_shard_shape = list(stacked["input_ids"].addressable_shards[0].data.shape)
+    r8m, mm = make_multi_step(stepper(mesh8)[1])(r8m, stacked)
+    multi_losses = [float(x) for x in mm["loss"]]
+    multi_diff = max(float(np.max(np.abs(a - b))) for a, b in zip(host(r8m.params), host(r8.params)))
+    multi_spec = str(r8m.params["model"]["layers"][0]["self_attn"]["q_proj"]["weight"].sharding.spec)
     print("RESULT " + json.dumps(dict(m8=m8, m1=m1, diff20=diff20, sharded_spec=sharded_spec,
         shard_shape=shard_shape, full_shape=list(q.shape), meta=meta, step=step, exact_8_to_1=exact_8_to_1,
         on_mesh1=on_mesh1, exact_1_to_8=exact_1_to_8, restored_spec=restored_spec, restored_mesh=restored_mesh,
         mu_spec=mu_spec, c1=c1, c8=c8, indivisible_error=indivisible_error,
-        batch_shard_shape=batch_shard_shape)))
+        batch_shard_shape=batch_shard_shape, multi_losses=multi_losses, multi_diff=multi_diff,
+        multi_spec=multi_spec, stacked_shard_shape=stacked_shard_shape)))
 ''')
 
 
@@ -161,6 +173,16 @@ def test_checkpoint_from_8_devices_restores_on_1_and_back(mesh_run):
     assert mesh_run["mu_spec"] == mesh_run["restored_spec"]  # Adam moments follow their parameter
     for a, b in zip(mesh_run["c1"], mesh_run["c8"]):  # resumed runs keep training and still agree
         assert abs(a["loss"] - b["loss"]) <= 1e-5 * max(1.0, abs(b["loss"]))
+
+
+def test_multi_step_on_the_8_device_mesh_equals_single_steps(mesh_run):
+    """make_multi_step over 5 stacked batches, sharded (step axis whole, rows over data x fsdp), continues the
+    restored state exactly as 5 single steps did, and keeps the params' sharding."""
+    assert mesh_run["stacked_shard_shape"] == [5, 2, 24]
+    for a, b in zip(mesh_run["multi_losses"], mesh_run["c8"]):
+        assert abs(a - b["loss"]) <= 1e-6 * max(1.0, abs(b["loss"]))
+    assert len(mesh_run["multi_losses"]) == 5 and mesh_run["multi_diff"] < 1e-6
+    assert mesh_run["multi_spec"] == mesh_run["sharded_spec"]
 
 
 # ------------------------------------------------------------------------------- in-process, 1 device

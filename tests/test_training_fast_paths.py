@@ -158,3 +158,96 @@ def test_model_logits_equal_sliced_model_logits_in_value_and_gradient():
     g_ref = jax.grad(lambda p: jnp.sum(sliced(p) * c))(params)
     for a, b_ in zip(jax.tree.leaves(g_fast), jax.tree.leaves(g_ref)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b_), rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------- XLA:CPU temp heaps (proxytune_jax.xla_options)
+
+def _varint(b: bytes, i: int) -> tuple[int, int]:
+    x = shift = 0
+    while True:
+        c = b[i]
+        i += 1
+        x |= (c & 0x7F) << shift
+        shift += 7
+        if c < 0x80:
+            return x, i
+
+
+def _proto_fields(b: bytes):
+    """(field number, value) of a serialized protobuf message: ints for varints, bytes otherwise."""
+    i = 0
+    while i < len(b):
+        key, i = _varint(b, i)
+        field, wire = key >> 3, key & 7
+        if wire == 0:
+            value, i = _varint(b, i)
+        elif wire == 2:
+            n, i = _varint(b, i)
+            value, i = b[i:i + n], i + n
+        elif wire in (1, 5):
+            n = 8 if wire == 1 else 4
+            value, i = b[i:i + n], i + n
+        else:
+            raise ValueError(f"wire type {wire}")
+        yield field, value
+
+
+def _temp_heaps(compiled) -> list[int]:
+    """Sizes of the temp allocations in a compiled executable's buffer assignment (xla BufferAssignmentProto:
+    field 3 = BufferAllocationProto with 2 size, 3 thread-local, 5 entry parameter, 7 maybe live out,
+    12 constant)."""
+    heaps = []
+    for field, alloc in _proto_fields(compiled.memory_analysis().serialized_buffer_assignment_proto):
+        if field == 3:
+            f = dict(_proto_fields(alloc))
+            if not any(f.get(k) for k in (3, 5, 7, 12)):
+                heaps.append(f.get(2, 0))
+    return heaps
+
+
+def test_cpu_train_step_splits_its_temporaries_into_small_heaps_and_computes_the_same():
+    """make_train_step compiles with xla_options.compiler_options on CPU: every temp heap <= CPU_HEAP_BYTES
+    where the plain jit of the same step function has one heap above it, and the results are bit for bit the
+    plain jit's (buffer assignment changes no arithmetic)."""
+    from flax import nnx
+    from proxytune_jax.models import partition_rules
+    from proxytune_jax.sharding import MeshConfig, make_mesh, put_global_batch
+    from proxytune_jax.training.objectives import sft_objective
+    from proxytune_jax.training.optim import OptimConfig, make_optimizer
+    from proxytune_jax.training.state import init_train_state, train_state_shardings
+    from proxytune_jax.training.step import make_train_step
+    from proxytune_jax.xla_options import CPU_HEAP_BYTES, compiler_options
+
+    config = LlamaConfig(vocab_size=512, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64)
+    model = LlamaForCausalLM(config, rngs=nnx.Rngs(0))
+    graphdef, params = split_params(model)
+    mesh = make_mesh(MeshConfig())
+    assert compiler_options(mesh) == {"xla_multiheap_size_constraint_per_heap": CPU_HEAP_BYTES}
+    opt = make_optimizer(OptimConfig(learning_rate=1e-3, warmup_steps=0, total_steps=10))
+    r = np.random.default_rng(0)
+    batch = {"input_ids": r.integers(3, 512, (32, 64)).astype(np.int32),
+             "attention_mask": np.ones((32, 64), np.int32), "loss_mask": np.ones((32, 64), np.int32)}
+    rules = partition_rules(config)
+    states = [init_train_state(params, opt, rules=rules, mesh=mesh) for _ in range(2)]
+    sh = train_state_shardings(states[0], rules, mesh)
+    step = make_train_step(sft_objective(graphdef), opt, mesh, state_shardings=sh)
+    device_batch = put_global_batch(batch, mesh)
+    ours = _temp_heaps(step.jitted.lower({}, states[0], device_batch).compile())
+    plain_jit = jax.jit(step.fn)
+    plain = _temp_heaps(plain_jit.lower({}, states[1], device_batch).compile())
+    assert len(plain) == 1 and plain[0] > 2 * CPU_HEAP_BYTES  # logits [32, 63, 512] and friends: one big heap
+    assert len(ours) >= 3 and max(ours) <= CPU_HEAP_BYTES
+    assert sum(ours) < 1.05 * plain[0]  # splitting costs almost no memory
+    s_ours, m_ours = step(states[0], device_batch)
+    s_plain, m_plain = plain_jit({}, states[1], device_batch)
+    assert float(m_ours["loss"]) == float(m_plain["loss"])
+    for a, b in zip(jax.tree.leaves(s_ours.params), jax.tree.leaves(s_plain.params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_compiler_options_are_cpu_only():
+    from types import SimpleNamespace
+    from proxytune_jax.xla_options import compiler_options
+    fake = SimpleNamespace(devices=np.array([SimpleNamespace(platform="tpu")], dtype=object))
+    assert compiler_options(fake) is None

@@ -131,3 +131,110 @@ def test_config_mistakes_are_clear_user_errors(tmp_path, capsys):
         load_config(DISTILL_CONFIG, ["grad_accum_steps=3"])
     assert cli.main(["train", "--config", str(tmp_path / "missing.py"), "--workdir", str(tmp_path / "w")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------ several steps per jitted call
+
+@pytest.mark.parametrize("k", [2, 3, 5])
+def test_call_lengths_end_on_every_save_and_eval_step(k):
+    """Property over many loop settings: calls run k steps or 1, never past a checkpoint, an evaluation or the
+    last step, and a run resumed at any checkpoint groups its steps exactly like the uninterrupted run."""
+    from hypothesis import given, settings, strategies as st
+    from proxytune_jax.training.loop import _call_length
+
+    @settings(max_examples=60, deadline=None)
+    @given(steps=st.integers(1, 60), save_every=st.integers(1, 20), eval_every=st.integers(0, 20),
+           evaluating=st.booleans())
+    def check(steps, save_every, eval_every, evaluating):
+        cfg = TrainConfig(student="s", train_file="t", steps=steps, save_every=save_every, eval_every=eval_every,
+                          steps_per_call=k)
+
+        def ends(start):
+            out, s = [], start
+            while s < steps:
+                n = _call_length(s, cfg, evaluating=evaluating)
+                assert n in (1, k)
+                s += n
+                out.append(s)
+            assert s == steps
+            return out
+
+        full = ends(0)
+        must = {s for s in range(1, steps + 1) if s % save_every == 0 or s == steps
+                or (evaluating and eval_every and s % eval_every == 0)}
+        assert must <= set(full)
+        for ckpt in range(save_every, steps, save_every):  # resume at every checkpoint
+            assert ends(ckpt) == [e for e in full if e > ckpt]
+        # only the steps right before a cut run alone: at most k - 1 single steps per cut
+        assert sum(1 for a, b in zip([0] + full, full) if b - a == 1 and k > 1) <= (k - 1) * len(must)
+
+    check()
+
+
+def test_steps_per_call_trains_exactly_like_single_steps(run_setup, tmp_path):
+    """The same run with 1 and with 3 steps per jitted call: the same logged losses, evaluations, checkpoints
+    and final params (the scan body is the step function; XLA may round differently, so 1e-6)."""
+    from proxytune_jax.training.loop import train
+    work, args = run_setup
+    over = [a for a in args[args.index("--set"):args.index("--workdir")] if a != "--set"]
+    results = {}
+    for k in (1, 3):
+        cfg = load_config(DISTILL_CONFIG, over + ["steps=14", "save_every=5", "eval_every=4", "log_every=2",
+                                                  "keep_checkpoints=5", f"steps_per_call={k}", "export=false"])
+        res = train(cfg, tmp_path / f"k{k}", progress=False, return_state=True)
+        lines = [json.loads(l) for l in (tmp_path / f"k{k}" / "metrics.jsonl").read_text().splitlines()]
+        ckpts = sorted(int(p.name) for p in (tmp_path / f"k{k}" / "checkpoints").iterdir() if p.name.isdigit())
+        results[k] = (res, lines, ckpts)
+    (r1, l1, c1), (r3, l3, c3) = results[1], results[3]
+    assert c1 == c3 == [5, 10, 14]
+    assert [l["step"] for l in l1] == [l["step"] for l in l3]  # train lines every 2 steps, evals at 0, 4, 8, 12, 14
+    assert [l["step"] for l in l1 if "eval_loss" in l] == [0, 4, 8, 12, 14]
+    for a, b in zip(l1, l3):
+        for key in ("loss", "forward_kl", "grad_norm", "learning_rate", "tokens", "eval_loss"):
+            if key in a:
+                assert b[key] == pytest.approx(a[key], rel=1e-6, abs=1e-7), (a["step"], key)
+        if "tokens_per_s" in a:
+            assert b["tokens_per_s"] > 0
+    diffs = [float(np.max(np.abs(np.asarray(x) - np.asarray(y))))
+             for x, y in zip(jax.tree.leaves(r1.state.params), jax.tree.leaves(r3.state.params))]
+    assert max(diffs) < 1e-6
+    moved = [float(np.max(np.abs(np.asarray(x))) > 0) for x in jax.tree.leaves(r1.state.params)]
+    assert all(moved)
+
+
+def test_cpu_devices_flag_splits_the_batch_over_cpu_devices(run_setup, tmp_path):
+    """`proxytune train --cpu-devices 2` in a fresh process: the mesh spans 2 CPU devices and the run matches
+    the 1-device run of the previous test's settings to fp32 rounding."""
+    import subprocess
+    import sys
+    work, args = run_setup
+    over = [a for a in args[args.index("--set"):args.index("--workdir")]]
+    cmd = [sys.executable, "-m", "proxytune_jax.cli", "train", "--config", str(DISTILL_CONFIG), *over,
+           "--set", "steps=6", "--set", "warmup_steps=2", "--set", "save_every=3", "--set", "eval_every=0",
+           "--set", "log_every=1",
+           "--set", "steps_per_call=2", "--set", "export=false"]
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)
+    out2 = subprocess.run(cmd + ["--cpu-devices", "2", "--workdir", str(tmp_path / "d2")], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert out2.returncode == 0, out2.stderr[-3000:]
+    assert "over 2 cpu device(s), 2 step(s) per call" in out2.stdout and "step 6/6" in out2.stdout
+    out1 = subprocess.run(cmd + ["--workdir", str(tmp_path / "d1")], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert out1.returncode == 0 and "over 1 cpu device(s)" in out1.stdout, out1.stderr[-3000:]
+    l1, l2 = ([m for m in map(json.loads, (tmp_path / d / "metrics.jsonl").read_text().splitlines()) if "loss" in m]
+              for d in ("d1", "d2"))
+    assert [l["step"] for l in l1] == [l["step"] for l in l2] == [1, 2, 3, 4, 5, 6], (l1, l2)
+    for a, b in zip(l1, l2):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+
+
+def test_cpu_devices_refused_once_jax_has_started():
+    from proxytune_jax.commands.train import use_cpu_devices
+    jax.devices()  # this test process's backend is up
+    with pytest.raises(UserError, match="before JAX starts"):
+        use_cpu_devices(2)
+    with pytest.raises(UserError, match="--cpu-devices must be >= 1"):
+        use_cpu_devices(0)
+    with pytest.raises(UserError, match="steps_per_call must be >= 1"):
+        load_config(DISTILL_CONFIG, ["steps_per_call=0"])

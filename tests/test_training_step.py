@@ -236,3 +236,61 @@ def test_chunked_online_distillation_equals_the_plain_objective(setup):
     assert int(mp["tokens"]) == int(mc["tokens"]) and abs(float(mc["reverse_kl"]) - float(lc)) < 1e-7
     for a, b in zip(jax.tree.leaves(gp), jax.tree.leaves(gc)):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-5, rtol=1e-4)
+
+
+def test_multi_step_is_the_single_step_scanned(setup):
+    """make_multi_step over 3 stacked batches = 3 calls of the single step: per-step metrics and final params
+    (same computation in a scan body; 1e-6 allows XLA to round differently there)."""
+    from proxytune_jax.sharding import put_stacked_batches
+    from proxytune_jax.training.step import make_multi_step
+    mesh = make_mesh(MeshConfig())
+    g, params = split_params(setup["student"])
+    tg, tparams = split_params(setup["teacher"])
+    rules = partition_rules(setup["student"].config)
+    opt = make_optimizer(OptimConfig(learning_rate=1e-2, warmup_steps=1, total_steps=10))
+    objective = online_distillation_objective(g, tg, loss="forward_kl", ce_weight=0.1)
+    frozen = {"teacher": tparams}
+    batches = [setup["data"].batch(s) for s in range(3)]
+    out = {}
+    for mode in ("single", "multi"):
+        state = init_train_state(params, opt, rules=rules, mesh=mesh)
+        step = make_train_step(objective, opt, mesh, state_shardings=train_state_shardings(state, rules, mesh),
+                               frozen=frozen, learning_rate_fn=learning_rate_schedule(
+                                   OptimConfig(learning_rate=1e-2, warmup_steps=1, total_steps=10)))
+        if mode == "single":
+            ms = []
+            for b in batches:
+                state, m = step(state, put_global_batch(b, mesh))
+                ms.append({k: float(v) for k, v in m.items()})
+        else:
+            stacked = put_stacked_batches(batches, mesh)
+            assert stacked["input_ids"].shape == (3,) + batches[0]["input_ids"].shape
+            state, m = make_multi_step(step)(state, stacked)
+            assert all(v.shape == (3,) for v in m.values())
+            ms = [{k: float(v[j]) for k, v in m.items()} for j in range(3)]
+        out[mode] = (jax.device_get(state), ms)
+    (s1, m1), (s3, m3) = out["single"], out["multi"]
+    assert int(s1.step) == int(s3.step) == 3
+    for a, b in zip(m1, m3):
+        assert a.keys() == b.keys() and {"loss", "forward_kl", "ce", "grad_norm", "learning_rate"} <= a.keys()
+        for key in a:
+            assert b[key] == pytest.approx(a[key], rel=1e-6, abs=1e-7), key
+    assert len({round(m["loss"], 6) for m in m1}) == 3  # three different batches
+    diffs = [float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s3.params))]
+    assert max(diffs) < 1e-6
+    np.testing.assert_array_equal(np.asarray(s1.rng), np.asarray(s3.rng))
+    moved = [float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(params))]
+    assert max(moved) > 1e-3
+
+
+def test_put_stacked_batches_checks_shapes_and_divisibility():
+    from proxytune_jax.sharding import put_stacked_batches
+    mesh = make_mesh(MeshConfig())
+    a, b = {"x": np.arange(8).reshape(4, 2)}, {"x": np.arange(8, 16).reshape(4, 2)}
+    out = put_stacked_batches([a, b], mesh)
+    np.testing.assert_array_equal(np.asarray(out["x"]), np.stack([a["x"], b["x"]]))
+    assert out["x"].sharding.spec[0] is None  # the step axis is never split
+    with pytest.raises(ValueError, match="differ in shape"):
+        put_stacked_batches([a, {"x": np.zeros((2, 2))}], mesh)
+    with pytest.raises(ValueError, match="at least one batch"):
+        put_stacked_batches([], mesh)

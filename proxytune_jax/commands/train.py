@@ -5,6 +5,9 @@ The config file defines ``config = TrainConfig(...)`` (``proxytune_jax.training.
 Outputs in DIR: config.json, metrics.jsonl, checkpoints/, final/ (a Hugging Face folder).
 Multi-host: pass --coordinator HOST:PORT --num-processes N --process-id I on every host (or nothing on a TPU
 pod / SLURM cluster where JAX detects them) and the same config and workdir.
+On a multi-core CPU, ``--cpu-devices N`` splits the cores into N JAX devices and each batch over them (data
+parallel, as on N GPUs); with ``--set steps_per_call=4`` the loop runs 4 steps per jitted call. Both are
+measured in ``experiments/benchmarks/train.py``.
 """
 from __future__ import annotations
 
@@ -15,12 +18,36 @@ def add_arguments(parser):
                         help="override a config field (repeatable), e.g. --set steps=200 --set loss=reverse_kl")
     parser.add_argument("--workdir", required=True, help="run directory (created; rerun to resume)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--cpu-devices", type=int, default=0, metavar="N",
+                        help="run on N JAX CPU devices carved out of this machine's cores (sets XLA_FLAGS="
+                             "--xla_force_host_platform_device_count=N before JAX starts); the mesh's data axis "
+                             "then splits each batch over them, which on a multi-core CPU is faster than one "
+                             "device (batch_size must be divisible by N)")
     parser.add_argument("--coordinator", default=None, help="multi-host: coordinator address HOST:PORT")
     parser.add_argument("--num-processes", type=int, default=None, help="multi-host: number of processes")
     parser.add_argument("--process-id", type=int, default=None, help="multi-host: this process's index")
 
 
+def use_cpu_devices(n: int) -> None:
+    """Make JAX's CPU backend expose ``n`` devices. Must run before the backend starts."""
+    import os
+    import re
+    import sys
+    from proxytune_jax.errors import UserError
+    if n < 1:
+        raise UserError(f"--cpu-devices must be >= 1, got {n}")
+    if "jax" in sys.modules:
+        from jax._src import xla_bridge
+        if xla_bridge.backends_are_initialized():
+            raise UserError("--cpu-devices must be applied before JAX starts its backends; pass it to a fresh "
+                            "`proxytune train` process (or set XLA_FLAGS yourself)")
+    flags = re.sub(r"--xla_force_host_platform_device_count=\S+", "", os.environ.get("XLA_FLAGS", ""))
+    os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
+
+
 def run(args) -> int:
+    if args.cpu_devices:
+        use_cpu_devices(args.cpu_devices)
     if args.coordinator or args.num_processes:
         from proxytune_jax.sharding import initialize_distributed
         initialize_distributed(args.coordinator, args.num_processes, args.process_id)

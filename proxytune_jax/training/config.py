@@ -47,6 +47,8 @@ class TrainConfig:
     b2: float = 0.95
     grad_clip_norm: float = 1.0
     grad_accum_steps: int = 1  # micro-batches per step (batch_size must be divisible by it)
+    steps_per_call: int = 1  # optimizer steps per jitted call (a scan; training.step.make_multi_step):
+    #   the same updates, less per-call overhead (dispatch, host sync): matters for small models
     # objective hyperparameters
     loss: str = "forward_kl"  # online_distillation: any proxytune_jax.losses name
     loss_kwargs: dict = dataclasses.field(default_factory=dict)  # e.g. {"beta": 0.5} for generalized_jsd
@@ -89,7 +91,8 @@ class TrainConfig:
             raise UserError("objective offline_topk needs config.topk_cache (a teacher top-k cache of train_file)")
         if self.param_dtype not in ("float32", "bfloat16"):
             raise UserError(f"param_dtype must be 'float32' or 'bfloat16', got {self.param_dtype!r}")
-        for name in ("steps", "batch_size", "save_every", "keep_checkpoints", "log_every", "grad_accum_steps"):
+        for name in ("steps", "batch_size", "save_every", "keep_checkpoints", "log_every", "grad_accum_steps",
+                     "steps_per_call"):
             if getattr(self, name) < 1:
                 raise UserError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.batch_size % self.grad_accum_steps:
@@ -102,7 +105,7 @@ class TrainConfig:
 
 # Fields that may differ when a run is resumed (they do not change what has been computed so far).
 RESUMABLE_CHANGES = frozenset({"steps", "save_every", "keep_checkpoints", "log_every", "eval_every", "export",
-                               "mesh_data", "mesh_fsdp", "mesh_tensor"})
+                               "mesh_data", "mesh_fsdp", "mesh_tensor", "steps_per_call"})
 
 
 def _parse_value(field: dataclasses.Field, raw: str) -> Any:

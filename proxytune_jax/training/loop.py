@@ -24,17 +24,18 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from tqdm.auto import tqdm
 
 from proxytune_jax.checkpoint import Checkpointer
 from proxytune_jax.errors import UserError
-from proxytune_jax.sharding import (MeshConfig, make_mesh, put_global, put_global_batch, replicated, to_host,
-                                    tree_shardings)
+from proxytune_jax.sharding import (MeshConfig, make_mesh, put_global, put_global_batch, put_stacked_batches,
+                                    replicated, to_host, tree_shardings)
 from proxytune_jax.training.config import TrainConfig, check_resume_compatible
 from proxytune_jax.training.data import Batches, load_batches
 from proxytune_jax.training.optim import OptimConfig, learning_rate_schedule, make_optimizer
 from proxytune_jax.training.state import abstract_train_state, init_train_state, split_params
-from proxytune_jax.training.step import make_eval_step, make_train_step, mean_metrics
+from proxytune_jax.training.step import make_eval_step, make_multi_step, make_train_step, mean_metrics
 
 _HOST_ONLY_KEYS = ("token_index",)  # batch entries used on the host (cache alignment), not by the step
 
@@ -137,6 +138,23 @@ def _device_batch(batch: dict, mesh) -> dict:
     return put_global_batch({k: v for k, v in batch.items() if k not in _HOST_ONLY_KEYS}, mesh)
 
 
+def _device_batches(batches: list[dict], mesh) -> dict:
+    return put_stacked_batches([{k: v for k, v in b.items() if k not in _HOST_ONLY_KEYS} for b in batches], mesh)
+
+
+def _call_length(step: int, config: TrainConfig, *, evaluating: bool) -> int:
+    """How many steps the jitted call starting after ``step`` runs: ``steps_per_call``, unless a step that
+    needs the state itself (a checkpoint, an evaluation, the last step) comes sooner; then single steps up to
+    it (one compiled program for each of 1 and ``steps_per_call``, not one per remainder). The cut points are
+    absolute step numbers, so a resumed run groups its steps exactly as an uninterrupted one."""
+    k = config.steps_per_call
+    end = min(step + k, config.steps)
+    for every in (config.save_every, config.eval_every if evaluating else 0):
+        if every:
+            end = min(end, (step // every + 1) * every)
+    return k if end - step == k else 1
+
+
 def train(config: TrainConfig, workdir: str | Path, *, mesh=None, progress: bool = True,
           on_step: Callable[[int, dict | None, Checkpointer], None] | None = None,
           return_state: bool = False) -> TrainResult:
@@ -161,6 +179,9 @@ def train(config: TrainConfig, workdir: str | Path, *, mesh=None, progress: bool
     tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or config.student)
 
     mesh = mesh or make_mesh(MeshConfig(config.mesh_data, config.mesh_fsdp, config.mesh_tensor))
+    if primary and progress:
+        print(f"[train] mesh {dict(mesh.shape)} over {mesh.devices.size} {jax.devices()[0].platform} device(s), "
+              f"{config.steps_per_call} step(s) per call")
     data_kwargs = dict(batch_size=config.batch_size, max_length=config.max_length, pack=config.pack)
     train_data = load_batches(config.train_file, tokenizer, seed=config.seed, shuffle=config.shuffle, **data_kwargs)
     eval_data = (load_batches(config.eval_file, tokenizer, seed=config.seed, shuffle=False,
@@ -224,6 +245,7 @@ def train(config: TrainConfig, workdir: str | Path, *, mesh=None, progress: bool
     loss_fn = build_objective(config, graphdef, frozen_graphdefs)
     train_step = make_train_step(loss_fn, optimizer, mesh, state_shardings=shardings, frozen=frozen,
                                  grad_accum_steps=config.grad_accum_steps, learning_rate_fn=schedule)
+    multi_step = make_multi_step(train_step) if config.steps_per_call > 1 else None
     eval_step = (make_eval_step(loss_fn, mesh, params_shardings=shardings.params, frozen=frozen, seed=config.seed)
                  if eval_src else None)
 
@@ -247,26 +269,37 @@ def train(config: TrainConfig, workdir: str | Path, *, mesh=None, progress: bool
     step = start
     try:
         while step < config.steps:
-            host = train_src.host(step)
-            tokens_since += int(host["attention_mask"].sum())
-            state, metrics = train_step(state, _device_batch(host, mesh))
-            step += 1
-            logged = None
-            if step % config.log_every == 0 or step == config.steps:
-                m = {k: float(to_host(v)) for k, v in metrics.items()}
-                dt = time.perf_counter() - t0
-                logged = {"step": step, **m, "tokens_per_s": tokens_since / max(dt, 1e-9)}
-                t0, tokens_since = time.perf_counter(), 0
-                last = logged
-                if primary:
-                    _write_json_line(metrics_file, logged)
-                bar.set_postfix(loss=f"{m['loss']:.4f}")
-            ckpt.save(step, state, meta_for(step), force=(step == config.steps))
-            if eval_src and config.eval_every and step % config.eval_every == 0 and step != config.steps:
-                eval_out = run_eval(step)
-            bar.update(1)
-            if on_step is not None:
-                on_step(step, logged, ckpt)
+            n = _call_length(step, config, evaluating=bool(eval_src))
+            hosts = [train_src.host(s) for s in range(step, step + n)]
+            t_call = time.perf_counter()
+            if n == 1:
+                state, metrics = train_step(state, _device_batch(hosts[0], mesh))
+            else:
+                state, metrics = multi_step(state, _device_batches(hosts, mesh))  # every metric stacked [n]
+            host_metrics = None
+            for j, host in enumerate(hosts):
+                step += 1
+                tokens_since += int(host["attention_mask"].sum())
+                logged = None
+                if step % config.log_every == 0 or step == config.steps:
+                    if host_metrics is None:  # waits for the call; its steps share its time evenly
+                        host_metrics = {k: np.reshape(to_host(v), (n,)) for k, v in metrics.items()}
+                        t_done = time.perf_counter()
+                    now = t_call + (j + 1) / n * (t_done - t_call)
+                    m = {k: float(v[j]) for k, v in host_metrics.items()}
+                    logged = {"step": step, **m, "tokens_per_s": tokens_since / max(now - t0, 1e-9)}
+                    t0, tokens_since = now, 0
+                    last = logged
+                    if primary:
+                        _write_json_line(metrics_file, logged)
+                    bar.set_postfix(loss=f"{m['loss']:.4f}")
+                if j == n - 1:  # saves and evaluations fall on the last step of a call (_call_length)
+                    ckpt.save(step, state, meta_for(step), force=(step == config.steps))
+                    if eval_src and config.eval_every and step % config.eval_every == 0 and step != config.steps:
+                        eval_out = run_eval(step)
+                bar.update(1)
+                if on_step is not None:
+                    on_step(step, logged, ckpt)
         if eval_src:
             eval_out = run_eval(step)
     finally:
