@@ -9,6 +9,10 @@ Workdir layout:
   ``checkpoints/``    orbax steps (``proxytune_jax.checkpoint``), every ``save_every`` steps and at the end;
   ``final/``          the trained params as a Hugging Face folder (+ tokenizer), when ``export``.
 
+Several optimizer steps per jitted call (``steps_per_call``, ``training.step.make_multi_step``): calls are cut
+at every checkpoint, evaluation and the last step (``_call_length``), so those see the state of their own
+step; a logged step inside a call gets its metrics from the stacked ones and an even share of the call's time.
+
 Rerunning the same command resumes from the last complete checkpoint: the state (params, optimizer, step,
 PRNG key) is restored onto the current mesh, the data continue at the saved position, and metrics lines
 written after that checkpoint by the killed run are dropped. Only process 0 writes files other than
@@ -161,7 +165,8 @@ def train(config: TrainConfig, workdir: str | Path, *, mesh=None, progress: bool
     """Run (or resume) the training described by ``config`` in ``workdir``; see the module docstring.
 
     ``on_step(step, metrics_or_None, checkpointer)`` is called after every optimizer step (metrics only on
-    logged steps) -- a hook for tests and notebooks.
+    logged steps) -- a hook for tests and notebooks. With ``steps_per_call = k > 1`` the hook runs for each
+    of a call's k steps once that call has finished.
     """
     config.validate()
     workdir = Path(workdir)
