@@ -51,6 +51,7 @@ import numpy as np
 from flax import nnx
 
 from proxytune_jax.errors import UserError
+from proxytune_jax.toyworld.train import batch_orders
 
 METHODS = ("sft", "forward_kl", "reverse_kl", "js", "tvd", "generalized_jsd", "sinkd", "first_top5", "first_top5_tail",
            "bayesian")
@@ -227,18 +228,6 @@ def score_student(model, tokenizer, questions, heldout_rows: dict[str, np.ndarra
     conf, corr = top1_confidence_and_correct(logits, labels, mask)
     return StudentScores(acc, nll, expected_calibration_error(conf, corr, 10),
                          expected_calibration_error(conf, corr, 15), conf, corr)
-
-
-def batch_orders(n_rows: int, steps: int, batch_size: int, seed: int) -> np.ndarray:
-    """Row indices ``[steps, batch_size]``: shuffled passes over the data (as ``toyworld.train.fit`` draws)."""
-    rng = np.random.default_rng(seed)
-    order, pos, out = rng.permutation(n_rows), 0, []
-    for _ in range(steps):
-        if pos + batch_size > n_rows:
-            order, pos = rng.permutation(n_rows), 0
-        out.append(order[pos:pos + batch_size])
-        pos += batch_size
-    return np.stack(out).astype(np.int32)
 
 
 def _make_chunk_runner(loss_fn: Callable, optimizer):
