@@ -97,14 +97,13 @@ def fit(model: nnx.Module, data: dict[str, np.ndarray], loss_fn: Callable, confi
             rows = idx[done:done + k]  # [k, batch]
             if k == 1:
                 state, metrics = step(state, {name: jnp.asarray(v[rows[0]]) for name, v in data.items()})
-                losses.append(metrics["loss"][None])
             else:
                 state, metrics = multi(state, {name: jnp.asarray(v[rows]) for name, v in data.items()})
-                losses.append(metrics["loss"])
+            losses.append(metrics["loss"])  # a scalar or [k]: no extra device op to reshape it
             done += k
             bar.update(k)
         bar.close()
-        losses = [float(x) for x in np.concatenate(jax.device_get(losses))]
+        losses = [float(x) for x in np.concatenate([np.atleast_1d(x) for x in jax.device_get(losses)])]
         params = jax.device_get(state.params)
     return merge_params(graphdef, params), losses
 
