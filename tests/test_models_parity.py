@@ -70,6 +70,34 @@ def test_left_padded_forward_matches_transformers(kind, tiny_checkpoint, torch_l
     np.testing.assert_allclose(got[real], ref[real], atol=ATOL, rtol=0)
 
 
+@pytest.mark.parametrize("kind", ["llama", "mistral", "gpt2"])
+@pytest.mark.parametrize("blocks", [None, 3, 7])
+def test_causal_query_blocks_match_transformers(kind, blocks, tiny_checkpoint, torch_lm, monkeypatch):
+    """A pass without a cache uses ``attention.attend_causal`` (query blocks that skip the causal upper
+    triangle). T = 50 gives ``causal_blocks(50) = 2`` blocks; 3 and 7 (uneven splits) are forced. Left padding
+    (row 1: 17 pad tokens, so whole blocks of pad queries) and Mistral's window 4 included."""
+    from proxytune_jax.models import attention
+    used = []
+    default = attention.causal_blocks
+
+    def spy(t):
+        used.append(blocks or default(t))
+        return used[-1]
+
+    monkeypatch.setattr(attention, "causal_blocks", spy)
+    path = tiny_checkpoint(kind)
+    ids = random_ids(2, 50, seed=3)
+    mask = np.ones((2, 50), np.int32)
+    mask[1, :17] = 0
+    ref = torch_logits(torch_lm(path), ids, mask)
+    graphdef, state = nnx.split(pj.load_pretrained(path))
+    got = np.asarray(jax.jit(lambda st: nnx.merge(graphdef, st)(jnp.asarray(ids), jnp.asarray(mask, bool))[0])(state))
+    assert used and set(used) == {blocks or 2}  # traced here, with the intended block count
+    real = mask.astype(bool)
+    np.testing.assert_allclose(got[real], ref[real], atol=ATOL, rtol=0)
+    assert np.isfinite(got).all()
+
+
 def test_sliding_window_is_in_effect(tiny_checkpoint):
     """Mistral's window (4) changes logits of late tokens vs. the same weights with full attention."""
     import dataclasses

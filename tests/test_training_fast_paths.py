@@ -6,6 +6,9 @@
 - ``attention.attend`` (hand-written VJP): value equals a NumPy softmax-attention formula and gradients equal
   autodiff through the plain einsum/where/softmax formulation, for MHA/GQA/MQA, left padding (query rows
   with no allowed key), sliding windows, decode shapes (T < S), fp32 and bf16; random masks (hypothesis).
+- ``attention.attend_causal`` (query blocks that skip the causal upper triangle): equals ``attend`` in value
+  and gradients on every query row with an allowed key, for random masks inside the causal triangle, any
+  block count (hypothesis), GQA and windows; pad rows stay finite with zero query gradient.
 - ``objectives.model_logits`` (last position dropped before the LM head) equals slicing the model's logits,
   in value and in the gradient of a loss through it.
 """
@@ -18,7 +21,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from proxytune_jax.models import layers
-from proxytune_jax.models.attention import MASK_VALUE, attend
+from proxytune_jax.models.attention import MASK_VALUE, attend, attend_causal, causal_blocks
 from proxytune_jax.models.llama import LlamaConfig, LlamaForCausalLM
 from proxytune_jax.training.objectives import model_logits
 from proxytune_jax.training.state import split_params
@@ -134,6 +137,61 @@ def test_attend_gradients_equal_autodiff_for_random_masks(seed, heads):
     allowed = r.random((2, 5, 7)) < 0.5  # arbitrary masks, fully masked rows included
     allowed[0, 0] = False
     _attention_case(r, 2, 5, 7, heads[0], heads[1], 4, allowed, jnp.float32, 2e-5)
+
+
+def _causal_blocks_case(r, b, t, h, kv, d, allowed, num_blocks, tol=2e-5):
+    """attend_causal vs attend on rows that have an allowed key (the cotangent is zero on the others, as a
+    masked loss makes it)."""
+    q = jnp.asarray(r.normal(size=(b, t, h, d)), jnp.float32)
+    k = jnp.asarray(r.normal(size=(b, kv, t, d)), jnp.float32)
+    v = jnp.asarray(r.normal(size=(b, kv, t, d)), jnp.float32)
+    allowed = jnp.asarray(allowed)
+    real = np.asarray(allowed).any(-1)  # [B, T]
+    c = jnp.asarray(r.normal(size=(b, t, h, d)) * real[:, :, None, None], jnp.float32)
+    scale = d ** -0.5
+
+    def loss(f):
+        return lambda q, k, v: jnp.sum(f(q, k, v) * c)
+
+    blocked = lambda q, k, v: attend_causal(q, k, v, allowed, scale, num_blocks)  # noqa: E731
+    plain = lambda q, k, v: attend(q, k, v, allowed, scale)  # noqa: E731
+    out, ref = jax.jit(blocked)(q, k, v), plain(q, k, v)
+    assert out.shape == q.shape and np.isfinite(np.asarray(out)).all()
+    np.testing.assert_allclose(np.asarray(out)[real], np.asarray(ref)[real], rtol=tol, atol=tol)
+    v_fast, g_fast = jax.jit(jax.value_and_grad(loss(blocked), argnums=(0, 1, 2)))(q, k, v)
+    v_ref, g_ref = jax.value_and_grad(loss(plain), argnums=(0, 1, 2))(q, k, v)
+    np.testing.assert_allclose(float(v_fast), float(v_ref), rtol=tol, atol=tol)
+    for a, b_ in zip(g_fast, g_ref):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b_), rtol=tol, atol=tol)
+    assert float(jnp.abs(g_fast[0][~real]).max(initial=0.0)) == 0.0  # pad query rows: no gradient
+
+
+@pytest.mark.parametrize("t,num_blocks", [(64, None), (100, None), (37, 2), (37, 5), (9, 9), (128, 4)])
+def test_attend_causal_equals_attend_with_padding_and_windows(t, num_blocks):
+    r = np.random.default_rng(t)
+    if num_blocks is None:
+        assert causal_blocks(t) == {64: 2, 100: 3}[t]
+    _causal_blocks_case(r, 3, t, 4, 2, 8, _causal(3, t, t, starts=[0, t // 3, t - 1]), num_blocks)
+    _causal_blocks_case(r, 2, t, 4, 1, 8, _causal(2, t, t, starts=[0, 5], window=7), num_blocks)
+
+
+@settings(max_examples=10, deadline=None)
+@given(st.integers(0, 2**31 - 1), st.integers(1, 40), st.data())
+def test_attend_causal_equals_attend_for_random_causal_masks(seed, t, data):
+    r = np.random.default_rng(seed)
+    num_blocks = data.draw(st.integers(1, t))
+    allowed = (r.random((2, t, t)) < 0.6) & np.tril(np.ones((t, t), bool))  # any mask inside the triangle
+    _causal_blocks_case(r, 2, t, 4, 2, 4, allowed, num_blocks)
+
+
+def test_causal_blocks_and_attend_causal_errors():
+    assert [causal_blocks(t) for t in (1, 8, 31, 32, 128, 512, 2048)] == [1, 1, 1, 2, 4, 8, 16]
+    q = jnp.zeros((1, 4, 2, 8))
+    kv = jnp.zeros((1, 2, 6, 8))
+    with pytest.raises(ValueError, match="as many keys as queries"):
+        attend_causal(q, kv, kv, jnp.ones((1, 4, 6), bool), 1.0)
+    with pytest.raises(ValueError, match="num_blocks"):
+        attend_causal(q, kv[:, :, :4], kv[:, :, :4], jnp.ones((1, 4, 4), bool), 1.0, num_blocks=5)
 
 
 def test_model_logits_equal_sliced_model_logits_in_value_and_gradient():

@@ -15,7 +15,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from proxytune_jax.errors import UserError
-from proxytune_jax.models.attention import attend
+from proxytune_jax.models.attention import attend, attend_causal
 from proxytune_jax.models.cache import KVCache
 from proxytune_jax.models.layers import (AttentionLayout, CausalLM, Embed, LayerNorm, Linear, check_lengths,
                                          heads_first, root_key, split_key, write_kv)
@@ -125,7 +125,10 @@ class GPT2Attention(nnx.Module):
         k, v = heads_first(k), heads_first(v)  # [B, H, T, Dh]
         if kv is not None:
             k, v = write_kv(kv[0], kv[1], k, v, write_at)  # [B, H, S, Dh]
-        out = attend(q, k, v, allowed, scale=self.scale)  # [B, T, H, Dh]
+        if kv is None:  # no cache: keys are these T tokens, the mask is inside the causal triangle
+            out = attend_causal(q, k, v, allowed, scale=self.scale)  # [B, T, H, Dh]
+        else:
+            out = attend(q, k, v, allowed, scale=self.scale)  # [B, T, H, Dh]
         return self.c_proj(out.reshape(b, t, d)), (k, v)
 
 

@@ -19,7 +19,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from proxytune_jax.errors import UserError
-from proxytune_jax.models.attention import attend
+from proxytune_jax.models.attention import attend, attend_causal
 from proxytune_jax.models.cache import KVCache
 from proxytune_jax.models.layers import (AttentionLayout, CausalLM, Embed, Linear, RMSNorm, check_lengths,
                                          heads_first, root_key, split_key, write_kv)
@@ -248,7 +248,10 @@ class LlamaAttention(nnx.Module):
         k, v = heads_first(k), heads_first(v)  # [B, K, T, Dh]
         if kv is not None:
             k, v = write_kv(kv[0], kv[1], k, v, write_at)  # [B, K, S, Dh]
-        out = attend(q, k, v, allowed, scale=self.head_dim ** -0.5)  # [B, T, H, Dh]
+        if kv is None:  # no cache: keys are these T tokens, the mask is inside the causal triangle
+            out = attend_causal(q, k, v, allowed, scale=self.head_dim ** -0.5)  # [B, T, H, Dh]
+        else:
+            out = attend(q, k, v, allowed, scale=self.head_dim ** -0.5)  # [B, T, H, Dh]
         return self.o_proj(out.reshape(b, t, -1)), (k, v)
 
 
