@@ -25,7 +25,7 @@ from proxytune_jax.toyworld.tokenizer import train_tokenizer
 from proxytune_jax.toyworld.train import FitConfig, fit
 from proxytune_jax.toyworld.world import World, WorldConfig, build_world
 
-BUILD_VERSION = 4  # bump when the build procedure changes (invalidates caches)
+BUILD_VERSION = 5  # bump when the build procedure changes (invalidates caches)
 MODEL_NAMES = ("base-small", "base-large", "tuned-small", "tuned-large")
 
 
@@ -56,7 +56,11 @@ class ToyWorldConfig:
     small: ModelSize = ModelSize(hidden_size=24, num_layers=2, num_heads=2, intermediate_size=24)
     large: ModelSize = ModelSize(hidden_size=64, num_layers=2, num_heads=4, intermediate_size=256)
     pretrain: FitConfig = FitConfig(steps=1500, batch_size=32, learning_rate=5e-3, warmup_steps=40)
-    tune: FitConfig = FitConfig(steps=300, batch_size=32, learning_rate=1e-3, warmup_steps=20)
+    # 900 tuning steps, not 300: with the query-block attention's rounding (attention.attend_causal) the large
+    # model tuned for 300 steps had not yet learnt to copy held-out names into the answer format on world seed
+    # 0 (held-out accuracy 0.225; 600 steps 0.65, 900 steps 0.76, 1200 steps 0.80; lr 2e-3 0.385, 5e-4 0.095,
+    # replay 2-3x 0.14): it was under-trained, and the earlier seed-2 collapses looked the same.
+    tune: FitConfig = FitConfig(steps=900, batch_size=32, learning_rate=1e-3, warmup_steps=20)
     # The small model is instruction-tuned at ``small_tune_lr_scale`` × ``tune.learning_rate``. Smaller models
     # take larger learning rates (as in real model families); at the large model's rate the small one copied
     # names into its answers unreliably on some world seeds.
