@@ -196,9 +196,9 @@ def _worker(conn, spec: dict, student_dir, teacher_dir, batches, threads: int) -
     """One side of the comparison in its own process (see the module docstring): sends (first loss, first call
     seconds), then answers ``(first batch, block)`` with ``timed_block`` until it receives ``None``."""
     if spec["kind"] == "jax":
-        if spec["devices"] > 1:  # before jax is imported
-            os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count="
-                                       f"{spec['devices']}").strip()
+        if spec["devices"] > 1:  # before JAX starts its backend, as `proxytune train --cpu-devices N` does
+            from proxytune_jax.commands.train import use_cpu_devices
+            use_cpu_devices(spec["devices"])
         run = setup_jax(student_dir, teacher_dir, batches, spec["steps_per_call"], spec["devices"])
     else:
         import torch
