@@ -42,10 +42,10 @@ def run_setup(tiny_checkpoint, tmp_path_factory):
     student = tiny_checkpoint("llama", seed=1)
     teacher = tiny_checkpoint("llama", seed=2, hidden_size=64, intermediate_size=96)
     args = ["train", "--config", str(DISTILL_CONFIG), "--no-progress",
-            "--set", f"student={student}", "--set", f"teacher={teacher}",
-            "--set", f"train_file={work / 'train.jsonl'}", "--set", f"eval_file={work / 'eval.jsonl'}",
-            "--set", "max_length=40", "--set", "steps=300", "--set", "eval_every=300", "--set", "save_every=100",
-            "--set", "log_every=50", "--set", "learning_rate=5e-3", "--workdir", str(work / "run")]
+            "--set", f"model.student={student}", "--set", f"objective.teacher={teacher}",
+            "--set", f"data.train_file={work / 'train.jsonl'}", "--set", f"data.eval_file={work / 'eval.jsonl'}",
+            "--set", "data.max_length=40", "--set", "steps=300", "--set", "eval_every=300", "--set", "checkpoint.save_every=100",
+            "--set", "log_every=50", "--set", "optim.learning_rate=5e-3", "--workdir", str(work / "run")]
     return work, args
 
 
@@ -66,7 +66,8 @@ def test_distillation_lowers_held_out_loss_and_writes_the_workdir(run_setup, cap
         assert {"loss", "forward_kl", "ce", "learning_rate", "tokens_per_s", "grad_norm", "tokens"} <= set(l)
         assert l["tokens_per_s"] > 0 and l["learning_rate"] > 0
     saved = json.loads((run / "config.json").read_text())
-    assert saved["steps"] == 300 and saved["objective"] == "online_distillation" and saved["loss"] == "forward_kl"
+    assert saved["steps"] == 300 and saved["objective"]["name"] == "online_distillation"
+    assert saved["objective"]["loss"] == "forward_kl" and saved["optim"]["learning_rate"] == 5e-3
     assert sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.isdigit()) == ["100", "200", "300"]
     assert "exported Hugging Face folder" in out
     # the export is a Hugging Face folder our loader (and transformers) read, with the tokenizer
@@ -100,17 +101,25 @@ def test_rerun_resumes_and_changed_config_is_refused(run_setup, capsys):
     assert "resumed from step 300" in out and "step 310/310" in out
     lines = (work / "run" / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == n_lines + 2 and json.loads(lines[-2])["step"] == 310  # train line, then eval line
-    assert cli.main(args + ["--set", "steps=310", "--set", "learning_rate=1e-2"]) == 2
+    assert cli.main(args + ["--set", "steps=310", "--set", "optim.learning_rate=1e-2"]) == 2
     err = capsys.readouterr().err
     assert "different configuration" in err and "learning_rate" in err and "new --workdir" in err
 
 
 def test_config_mistakes_are_clear_user_errors(tmp_path, capsys):
-    cfg = TrainConfig(student="s", train_file="t")
-    assert apply_overrides(cfg, ["steps=7", "pack=true", "loss_kwargs={\"beta\": 0.5}", "learning_rate=1e-3"]) == \
-        TrainConfig(student="s", train_file="t", steps=7, pack=True, loss_kwargs={"beta": 0.5}, learning_rate=1e-3)
-    with pytest.raises(UserError, match="unknown config field; fields are objective, student"):
+    from proxytune_jax.training import DataConfig, ModelConfig, OnlineDistillation, OptimConfig
+    cfg = TrainConfig(model=ModelConfig(student="s"), data=DataConfig(train_file="t"),
+                      objective=OnlineDistillation(teacher="x"))
+    assert apply_overrides(cfg, ["steps=7", "data.pack=true", "objective.loss_params={\"beta\": 0.5}",
+                                 "optim.learning_rate=1e-3", "objective.loss=generalized_jsd"]) == \
+        TrainConfig(model=ModelConfig(student="s"), data=DataConfig(train_file="t", pack=True), steps=7,
+                    objective=OnlineDistillation(teacher="x", loss="generalized_jsd", loss_params={"beta": 0.5}),
+                    optim=OptimConfig(learning_rate=1e-3, total_steps=0))
+    assert apply_overrides(cfg, ["objective.loss_params.temperature=2"]).objective.loss_params == {"temperature": 2}
+    with pytest.raises(UserError, match="unknown field 'stepz' of TrainConfig"):
         apply_overrides(cfg, ["stepz=3"])
+    with pytest.raises(UserError, match="unknown field 'lr' of OptimConfig"):
+        apply_overrides(cfg, ["optim.lr=3"])
     with pytest.raises(UserError, match="cannot read 'many' as int"):
         apply_overrides(cfg, ["steps=many"])
     with pytest.raises(UserError, match="write key=value"):
@@ -124,13 +133,70 @@ def test_config_mistakes_are_clear_user_errors(tmp_path, capsys):
     with pytest.raises(UserError, match="failed to run: SyntaxError"):
         load_config(broken)
     with pytest.raises(UserError, match="objective 'distill' is unknown"):
-        load_config(DISTILL_CONFIG, ["objective=distill"])
-    with pytest.raises(UserError, match="online_distillation needs config.teacher"):
-        load_config(DISTILL_CONFIG, ["teacher="])
+        load_config(DISTILL_CONFIG, ["objective.name=distill"])
+    with pytest.raises(UserError, match="online_distillation needs objective.teacher"):
+        load_config(DISTILL_CONFIG, ["objective.teacher="])
     with pytest.raises(UserError, match="not divisible by grad_accum_steps"):
         load_config(DISTILL_CONFIG, ["grad_accum_steps=3"])
+    with pytest.raises(UserError, match="loss generalized_jsd has no hyperparameter 'mu'"):
+        load_config(DISTILL_CONFIG, ["objective.loss=generalized_jsd", "objective.loss_params={\"mu\": 1}"])
+    with pytest.raises(UserError, match="cannot be used here .it needs a topk teacher"):
+        load_config(DISTILL_CONFIG, ["objective.loss=topk_kl"])
     assert cli.main(["train", "--config", str(tmp_path / "missing.py"), "--workdir", str(tmp_path / "w")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_config_files_are_type_checked(tmp_path):
+    """A value of the wrong type in a config file is refused naming the field (a string "no" for a bool used to
+    read as true)."""
+    cases = {
+        'data=DataConfig(train_file="t", pack="no")': "config data.pack: expected bool, got str 'no'",
+        'data=DataConfig(train_file="t"), steps="10"': "config steps: expected int, got str '10'",
+        'data=DataConfig(train_file="t"), optim=OptimConfig(learning_rate="1e-3")':
+            "config optim.learning_rate: expected float, got str",
+        'data=DataConfig(train_file="t"), objective="sft"': "config objective: expected an objective",
+        'data=DataConfig(train_file="t"), objective=SFT(label_smoothing=True)':
+            "config objective.label_smoothing: expected float, got bool",
+        'data=DataConfig(train_file="t"), optim=OptimConfig(learning_rate=float("nan"))': "NaN is not a value",
+    }
+    for i, (fields, message) in enumerate(cases.items()):
+        path = tmp_path / f"c{i}.py"
+        path.write_text("from proxytune_jax.training import *\n"
+                        f'config = TrainConfig(model=ModelConfig(student="s"), {fields})\n')
+        with pytest.raises(UserError, match=message.replace("(", r"\(")):
+            load_config(path)
+
+
+def test_a_work_dir_of_the_old_flat_config_is_refused(tmp_path, capsys):
+    """A workdir written before the config tree (one flat TrainConfig) is refused with the way out, and its
+    files are left as they were."""
+    from proxytune_jax.training import DataConfig, ModelConfig
+    from proxytune_jax.training.loop import train
+    old = {"objective": "sft", "student": "s", "train_file": "t", "learning_rate": 3e-4, "steps": 10}
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    cfg = TrainConfig(model=ModelConfig(student="s"), data=DataConfig(train_file="t"))
+    with pytest.raises(UserError, match="older proxytune_jax .one flat TrainConfig.*new --workdir"):
+        train(cfg, tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text()) == old
+
+
+def test_a_loss_keeps_its_own_hyperparameter_defaults():
+    """The objective passes a loss only what the config sets: SinKD keeps its τ = 2 and AKL its μ; a set
+    value reaches the loss unchanged."""
+    from proxytune_jax.losses import LOSSES
+    from proxytune_jax.training import OnlineDistillation
+    terms = OnlineDistillation(teacher="t", loss="sinkd").terms()
+    assert terms[0][1] == {"temperature": 2.0, "epsilon": 0.1, "num_iters": 20, "weight": 0.001}
+    terms = OnlineDistillation(teacher="t", loss="sinkd", loss_params={"epsilon": 0.5}).terms()
+    assert terms[0][1]["temperature"] == 2.0 and terms[0][1]["epsilon"] == 0.5
+    assert OnlineDistillation(teacher="t", loss="adaptive_kl").terms()[0][1] == {"temperature": 1.0, "mu": 0.5}
+    assert LOSSES["sinkd"].resolve({"num_iters": 5.0}) == {**LOSSES["sinkd"].hyperparameters, "num_iters": 5}
+    with pytest.raises(UserError, match="expected an integer"):
+        LOSSES["sinkd"].resolve({"num_iters": 2.5})
+    with pytest.raises(UserError, match="expected a number"):
+        LOSSES["forward_kl"].resolve({"temperature": True})
+    with pytest.raises(UserError, match="not one of renormalize, tail_bucket"):
+        LOSSES["topk_kl"].resolve({"mode": "both"})
 
 
 # ------------------------------------------------------------------------ several steps per jitted call
@@ -140,19 +206,18 @@ def test_call_lengths_end_on_every_save_and_eval_step(k):
     """Property over many loop settings: calls run k steps or 1, never past a checkpoint, an evaluation or the
     last step, and a run resumed at any checkpoint groups its steps exactly like the uninterrupted run."""
     from hypothesis import given, settings, strategies as st
-    from proxytune_jax.training.loop import _call_length
+    from proxytune_jax.training.trainer import call_length
 
     @settings(max_examples=60, deadline=None)
     @given(steps=st.integers(1, 60), save_every=st.integers(1, 20), eval_every=st.integers(0, 20),
            evaluating=st.booleans())
     def check(steps, save_every, eval_every, evaluating):
-        cfg = TrainConfig(student="s", train_file="t", steps=steps, save_every=save_every, eval_every=eval_every,
-                          steps_per_call=k)
+        cut = (save_every, eval_every if evaluating else 0)
 
         def ends(start):
             out, s = [], start
             while s < steps:
-                n = _call_length(s, cfg, evaluating=evaluating)
+                n = call_length(s, steps, k, cut)
                 assert n in (1, k)
                 s += n
                 out.append(s)
@@ -179,8 +244,9 @@ def test_steps_per_call_trains_exactly_like_single_steps(run_setup, tmp_path):
     over = [a for a in args[args.index("--set"):args.index("--workdir")] if a != "--set"]
     results = {}
     for k in (1, 3):
-        cfg = load_config(DISTILL_CONFIG, over + ["steps=14", "save_every=5", "eval_every=4", "log_every=2",
-                                                  "keep_checkpoints=5", f"steps_per_call={k}", "export=false"])
+        cfg = load_config(DISTILL_CONFIG, over + ["steps=14", "checkpoint.save_every=5", "eval_every=4",
+                                                  "log_every=2", "checkpoint.keep=5", f"steps_per_call={k}",
+                                                  "export=false"])
         res = train(cfg, tmp_path / f"k{k}", progress=False, return_state=True)
         lines = [json.loads(l) for l in (tmp_path / f"k{k}" / "metrics.jsonl").read_text().splitlines()]
         ckpts = sorted(int(p.name) for p in (tmp_path / f"k{k}" / "checkpoints").iterdir() if p.name.isdigit())
@@ -210,7 +276,7 @@ def test_cpu_devices_flag_splits_the_batch_over_cpu_devices(run_setup, tmp_path)
     work, args = run_setup
     over = [a for a in args[args.index("--set"):args.index("--workdir")]]
     cmd = [sys.executable, "-m", "proxytune_jax.cli", "train", "--config", str(DISTILL_CONFIG), *over,
-           "--set", "steps=6", "--set", "warmup_steps=2", "--set", "save_every=3", "--set", "eval_every=0",
+           "--set", "steps=6", "--set", "optim.warmup_steps=2", "--set", "checkpoint.save_every=3", "--set", "eval_every=0",
            "--set", "log_every=1",
            "--set", "steps_per_call=2", "--set", "export=false"]
     env = dict(os.environ, JAX_PLATFORMS="cpu")

@@ -59,8 +59,8 @@ def main(argv=None) -> int:
 
     from proxytune_jax import save_pretrained
     from proxytune_jax.models import config_from_hf, init_model
-    from proxytune_jax.training.config import TrainConfig
-    from proxytune_jax.training.loop import train
+    from proxytune_jax.training import (SFT, CheckpointConfig, DataConfig, ModelConfig, OptimConfig, TrainConfig,
+                                        train)
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -75,10 +75,12 @@ def main(argv=None) -> int:
         save_pretrained(model, out / name)
         tokenizer.save_pretrained(out / name)
     if args.teacher_steps > 0:
-        cfg = TrainConfig(objective="sft", student=str(out / "teacher_init"), train_file=str(out / "train.jsonl"),
-                          eval_file=str(out / "eval.jsonl"), max_length=32, batch_size=16,
-                          steps=args.teacher_steps, learning_rate=3e-3, warmup_steps=20, save_every=10**9,
-                          log_every=50)
+        cfg = TrainConfig(model=ModelConfig(student=str(out / "teacher_init")), objective=SFT(),
+                          data=DataConfig(train_file=str(out / "train.jsonl"), eval_file=str(out / "eval.jsonl"),
+                                          max_length=32, batch_size=16),
+                          steps=args.teacher_steps,
+                          optim=OptimConfig(learning_rate=3e-3, warmup_steps=min(20, args.teacher_steps)),
+                          checkpoint=CheckpointConfig(save_every=10**9), log_every=50)
         result = train(cfg, out / "teacher_run")
         shutil.rmtree(out / "teacher", ignore_errors=True)
         shutil.copytree(result.export_dir, out / "teacher")

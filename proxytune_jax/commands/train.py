@@ -7,7 +7,8 @@ Multi-host: pass --coordinator HOST:PORT --num-processes N --process-id I on eve
 pod / SLURM cluster where JAX detects them) and the same config and workdir.
 On a multi-core CPU, ``--cpu-devices N`` splits the cores into N JAX devices and each batch over them (data
 parallel, as on N GPUs); with ``--set steps_per_call=4`` the loop runs 4 steps per jitted call. Both are
-measured in ``experiments/benchmarks/train.py``.
+measured in ``experiments/benchmarks/train.py``. Config values are typed and nested (``--set optim.learning_rate=1e-3``);
+a config file may define and register its own objective (``training.register_objective``).
 """
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ from __future__ import annotations
 def add_arguments(parser):
     parser.add_argument("--config", required=True, help="Python file defining `config = TrainConfig(...)`")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config field (repeatable), e.g. --set steps=200 --set loss=reverse_kl")
+                        help="override a config field by its dotted path (repeatable), e.g. --set steps=200 "
+                             "--set objective.loss=reverse_kl --set optim.learning_rate=1e-3")
     parser.add_argument("--workdir", required=True, help="run directory (created; rerun to resume)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--cpu-devices", type=int, default=0, metavar="N",

@@ -1,14 +1,19 @@
-"""Knowledge-distillation losses (methods.md §2): pure, jittable, float32/log-space, mask-safe.
+"""Knowledge-distillation losses: pure, jittable, float32/log-space, mask-safe.
 
-Uniform signature of the full-logit losses (``divergences``):
+Full-logit losses (``divergences``) share one signature:
     loss(student_logits [..., V], teacher_logits [..., V], mask [...] = None, *, temperature=1.0, ...) -> scalar
-mean over valid positions ``Σ m·ℓ / max(Σ m, 1)``; ``<name>_per_position`` twins return ``[...]`` unreduced and are
-registered by name in ``PER_POSITION`` (used by the memory-lean ``chunked_loss``). ``LOSSES`` maps names to the
-reduced losses.
+(the mean over valid positions ``Σ m·ℓ / max(Σ m, 1)``); each has a ``<name>_per_position`` twin returning ``[...]``
+unreduced, which the memory-lean ``chunked_loss`` evaluates chunk by chunk.
+
+``LOSSES`` (``registry``) is the one table of every distillation loss -- the divergences, SinKD, FIRST's top-k KL
+and the Bayesian KD terms -- each ``LossSpec`` declaring its hyperparameters with their defaults, the kind of
+teacher it needs and its per-position form; ``register_loss`` adds one. Formulas and paper references are in
+each function's docstring.
 
 Modules: ``divergences`` (KL family, JS, TVD, skew KL, generalized JSD, AKL, Hinton KD, ULD, cross-entropy),
 ``chunked`` (hidden states + LM head in position chunks), ``sinkd`` (SinKD, unrolled and ott-jax), ``first``
-(sparse top-k teacher, on-disk cache, temperature fit), ``bayesian`` (n-gram prior, posterior, objective).
+(sparse top-k teacher, on-disk cache, temperature fit), ``bayesian`` (n-gram prior, posterior, objective),
+``registry`` (the table).
 """
 from proxytune_jax.losses._common import masked_mean, reduce_loss
 from proxytune_jax.losses import bayesian as _bayesian
@@ -21,7 +26,9 @@ from proxytune_jax.losses.chunked import *  # noqa: F401,F403
 from proxytune_jax.losses.divergences import *  # noqa: F401,F403
 from proxytune_jax.losses.first import *  # noqa: F401,F403
 from proxytune_jax.losses.sinkd import *  # noqa: F401,F403
+from proxytune_jax.losses.registry import LOSSES, LossSpec, get_loss, per_position_losses, register_loss
+from proxytune_jax.losses import registry as _registry
 
 # note: the name `sinkd` is the loss function (the module stays importable as proxytune_jax.losses.sinkd)
 __all__ = sorted(set(_divergences.__all__) | set(_chunked.__all__) | set(_sinkd.__all__) | set(_first.__all__)
-                 | set(_bayesian.__all__) | {"masked_mean", "reduce_loss"})
+                 | set(_bayesian.__all__) | set(_registry.__all__) | {"masked_mean", "reduce_loss"})

@@ -17,7 +17,7 @@ Two variants, same value and gradient as ``loss_from_hidden`` (the plain referen
   differentiable w.r.t. all four arrays (teacher included) and to any order, at the price of recomputing each
   chunk's logits in the backward pass (~1.5× the matmul work).
 
-The loss is named (``"forward_kl"``, …, see ``divergences.PER_POSITION``) or given as a per-position function
+The loss is named (``"forward_kl"``, …, see ``losses.LOSSES``, those with a per-position form) or given as a per-position function
 ``fn(student_logits [c, V], teacher_logits [c, Vt], **position_args_chunk, **hyper) -> [c]``. Per-position
 side inputs such as ``labels`` go in ``position_args`` (arrays shaped like the positions) and are chunked
 alongside. Masked positions get zero logits before the loss (as in the plain path), and the result is
@@ -34,7 +34,6 @@ import numpy as np
 
 from proxytune_jax.errors import UserError
 from proxytune_jax.losses._common import F32, as_mask, masked_mean, zero_masked
-from proxytune_jax.losses.divergences import PER_POSITION
 
 DEFAULT_CHUNK_ELEMENTS = 1 << 24  # ~64 MiB per [chunk, V] float32 temporary
 
@@ -48,14 +47,12 @@ def lm_logits(hidden, weight) -> jax.Array:
 
 
 def resolve_per_position(loss):
-    """A per-position loss function from a name in ``PER_POSITION`` or a callable."""
+    """A per-position loss function: the ``per_position`` of a ``losses.LOSSES`` entry with full-logit teacher,
+    by name, or a callable ``fn(student_logits, teacher_logits, **kw) -> [positions]``."""
     if callable(loss):
         return loss
-    try:
-        return PER_POSITION[loss]
-    except KeyError:
-        raise UserError(f"unknown per-position loss {loss!r}; choose one of {sorted(PER_POSITION)} "
-                        "or pass a function fn(student_logits, teacher_logits, **kw) -> [positions].") from None
+    from proxytune_jax.losses.registry import get_loss
+    return get_loss(loss, teacher="logits", per_position=True).per_position
 
 
 def _check_hidden(student_hidden, student_weight, teacher_hidden, teacher_weight):
@@ -182,7 +179,7 @@ def chunked_loss(loss, student_hidden, student_weight, teacher_hidden, teacher_w
     """Masked-mean per-position loss from hidden states, chunked, with a fused (no-recompute) gradient.
 
     Args:
-      loss: a name from ``PER_POSITION`` (``"forward_kl"``, ``"hinton_kd"``, …) or a per-position function.
+      loss: a name from ``losses.LOSSES`` with a per-position form (``"forward_kl"``, ``"hinton_kd"``, …) or a per-position function.
       student_hidden: ``[..., D]`` final (normed) student hidden states; ``student_weight``: ``[V, D]``.
       teacher_hidden: ``[..., Dt]``; ``teacher_weight``: ``[Vt, Dt]`` — treated as constants (zero gradient).
       mask: ``[...]`` valid positions (None = all).

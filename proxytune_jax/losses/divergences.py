@@ -283,34 +283,8 @@ def uld_kd(student_logits, teacher_logits, mask=None, *, labels, temperature=1.0
                        labels=labels, temperature=temperature, weight=weight)
 
 
-# name -> per-position function; the chunked path and the training code look losses up here.
-PER_POSITION = {
-    "forward_kl": forward_kl_per_position,
-    "reverse_kl": reverse_kl_per_position,
-    "js_divergence": js_divergence_per_position,
-    "tv_distance": tv_distance_per_position,
-    "skew_forward_kl": skew_forward_kl_per_position,
-    "skew_reverse_kl": skew_reverse_kl_per_position,
-    "generalized_jsd": generalized_jsd_per_position,
-    "adaptive_kl": adaptive_kl_per_position,
-    "hinton_kd": hinton_kd_per_position,
-    "uld": uld_per_position,
-    "uld_kd": uld_kd_per_position,
-}
-
-LOSSES = {
-    "forward_kl": forward_kl,
-    "reverse_kl": reverse_kl,
-    "js_divergence": js_divergence,
-    "tv_distance": tv_distance,
-    "skew_forward_kl": skew_forward_kl,
-    "skew_reverse_kl": skew_reverse_kl,
-    "generalized_jsd": generalized_jsd,
-    "adaptive_kl": adaptive_kl,
-    "hinton_kd": hinton_kd,
-    "uld": uld,
-    "uld_kd": uld_kd,
-}
-
-__all__ = sorted(set(LOSSES) | {f"{k}_per_position" for k in PER_POSITION} | {
-    "cross_entropy", "cross_entropy_per_position", "PER_POSITION", "LOSSES"})
+__all__ = sorted({"forward_kl", "reverse_kl", "js_divergence", "tv_distance", "skew_forward_kl", "skew_reverse_kl",
+                  "generalized_jsd", "adaptive_kl", "hinton_kd", "uld", "uld_kd", "cross_entropy"}
+                 | {f"{k}_per_position" for k in ("forward_kl", "reverse_kl", "js_divergence", "tv_distance",
+                                                 "skew_forward_kl", "skew_reverse_kl", "generalized_jsd",
+                                                 "adaptive_kl", "hinton_kd", "uld", "uld_kd", "cross_entropy")})

@@ -1,159 +1,294 @@
-"""``TrainConfig``: the plain dataclass a training run is described by, and loading it from a Python file.
+"""``TrainConfig``: a small tree of typed dataclasses describing a training run, validated on load.
+
+    TrainConfig
+      model      ModelConfig       student folder, tokenizer, param dtype
+      data       DataConfig        train/eval JSONL files, row length, batch size, packing
+      objective  an Objective      the strategy and its hyperparameters (``training.objectives``)
+      optim      OptimConfig       AdamW + warmup-cosine (``total_steps`` 0: the run's ``steps``)
+      mesh       MeshConfig        (data, fsdp, tensor) sizes
+      checkpoint CheckpointConfig  save_every, keep
+      steps, seed, grad_accum_steps, steps_per_call, log_every, eval_every, export
 
 A config file (e.g. ``experiments/configs/sft_tiny.py``) is ordinary Python that defines a module-level
-``config = TrainConfig(...)``. ``--set key=value`` overrides fields; values are parsed by the field's type
-(``int``, ``float``, ``bool`` as true/false/1/0, ``str``, ``dict`` as JSON). Relative paths are relative to the
-current directory.
+``config = TrainConfig(...)``. ``--set key=value`` overrides a field by its dotted path
+(``optim.learning_rate=1e-3``, ``objective.loss=reverse_kl``, ``objective.loss_params.temperature=2``,
+``objective.name=bayesian`` switches the objective, keeping the fields both have). Every value, from the file or
+``--set``, is checked against its field's type: a wrong type is a ``UserError`` naming the field (a bool is
+``true``/``false``, never a string such as ``"no"``). ``config.json`` in a workdir holds ``to_dict()``;
+``from_dict`` reads it back (the objective by its ``name``).
 """
 from __future__ import annotations
 
 import dataclasses
 import importlib.util
 import json
+import sys
+import typing
 from pathlib import Path
 from typing import Any, Sequence
 
 from proxytune_jax.errors import UserError
-
-OBJECTIVES = ("sft", "online_distillation", "online_distillation_chunked", "offline_topk", "bayesian")
+from proxytune_jax.sharding import MeshConfig
+from proxytune_jax.training.objectives import SFT, Objective, get_objective
+from proxytune_jax.training.optim import OptimConfig
 
 
 @dataclasses.dataclass(frozen=True)
-class TrainConfig:
-    # what to train
-    objective: str = "sft"  # one of OBJECTIVES
+class ModelConfig:
     student: str = ""  # Hugging Face folder with the initial weights of the trained model
-    teacher: str = ""  # online_distillation(_chunked): the teacher's folder (same tokenizer)
-    proxy: str = ""  # bayesian: the proxy model M sampled for the posterior (default: the student itself)
     tokenizer: str = ""  # folder for AutoTokenizer (default: the student's folder)
     param_dtype: str = "float32"  # "float32" or "bfloat16" (params and optimizer moments)
-    # data
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
     train_file: str = ""  # JSONL: {"prompt", "response"} or {"text"} per line
     eval_file: str = ""  # optional held-out JSONL, scored every eval_every steps and at the end
-    topk_cache: str = ""  # offline_topk: teacher top-k cache written for train_file
-    eval_topk_cache: str = ""  # offline_topk: the cache for eval_file
     max_length: int = 128  # tokens per row
     batch_size: int = 8  # global batch (rows per optimizer step, over all devices)
     pack: bool = False  # pack examples into full rows instead of padding each one
     shuffle: bool = True
-    seed: int = 0  # data order and the PRNG key of the train state
-    # optimization (see training.optim.OptimConfig)
-    steps: int = 1000
-    learning_rate: float = 3e-4
-    warmup_steps: int = 0
-    min_lr_ratio: float = 0.1
-    weight_decay: float = 0.01
-    b1: float = 0.9
-    b2: float = 0.95
-    grad_clip_norm: float = 1.0
-    grad_accum_steps: int = 1  # micro-batches per step (batch_size must be divisible by it)
-    steps_per_call: int = 1  # optimizer steps per jitted call (a scan; training.step.make_multi_step):
-    #   the same updates, less per-call overhead (dispatch, host sync): matters for small models
-    # objective hyperparameters
-    loss: str = "forward_kl"  # online_distillation: any proxytune_jax.losses name
-    loss_kwargs: dict = dataclasses.field(default_factory=dict)  # e.g. {"beta": 0.5} for generalized_jsd
-    temperature: float = 1.0
-    kd_weight: float = 1.0  # weight of the distillation term
-    ce_weight: float = 0.0  # weight of cross-entropy on the response tokens
-    chunk_size: int = 0  # online_distillation_chunked: positions per chunk (0: the losses module's default)
-    topk_mode: str = "renormalize"  # offline_topk: "renormalize" or "tail_bucket"
-    ngram_n: int = 2  # bayesian: n-gram context window of the prior (counted over train_file)
-    gamma: float = 2.0  # bayesian: prior blend of n-gram estimate and label (>= 1)
-    prior_support: int = 32  # bayesian: n-gram continuations kept per context
-    posterior_bins: int = 100  # bayesian: m grid values of each P(w)
-    posterior_samples: int = 8  # bayesian: K proxy samples per position
-    alpha: float = 0.5  # bayesian: weight of KL(prior || student)
-    beta: float = 0.5  # bayesian: weight of KL(posterior || student)
-    # devices
-    mesh_data: int = -1  # -1: all remaining devices
-    mesh_fsdp: int = 1
-    mesh_tensor: int = 1
-    # bookkeeping
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
     save_every: int = 100
-    keep_checkpoints: int = 3
+    keep: int = 3
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    objective: Objective = SFT()
+    optim: OptimConfig = OptimConfig(total_steps=0)
+    mesh: MeshConfig = MeshConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    steps: int = 1000
+    seed: int = 0  # data order and the PRNG key of the train state
+    grad_accum_steps: int = 1  # micro-batches per step (data.batch_size must be divisible by it)
+    steps_per_call: int = 1  # optimizer steps per jitted call (a scan; training.step.make_multi_step)
     log_every: int = 10
-    eval_every: int = 0  # 0: only at the end (when eval_file is set)
-    export: bool = True  # write the final params as a Hugging Face folder DIR/final
+    eval_every: int = 0  # 0: only at the end (when data.eval_file is set)
+    export: bool = True  # write the final params as a Hugging Face folder WORKDIR/final
+
+    def optim_config(self) -> OptimConfig:
+        """The optimizer config with ``total_steps`` resolved (0 means the run's ``steps``)."""
+        return self.optim if self.optim.total_steps else dataclasses.replace(self.optim, total_steps=self.steps)
 
     def validate(self) -> None:
-        if self.objective not in OBJECTIVES:
-            raise UserError(f"objective {self.objective!r} is unknown; choose one of {', '.join(OBJECTIVES)}")
-        if not self.student:
-            raise UserError("config.student is empty; set it to the Hugging Face folder of the model to train")
-        if not self.train_file:
-            raise UserError("config.train_file is empty; set it to a JSONL file")
-        if self.objective.startswith("online_distillation") and not self.teacher:
-            raise UserError(f"objective {self.objective} needs config.teacher (a Hugging Face folder)")
-        if self.objective == "online_distillation_chunked" and self.ce_weight:
-            raise UserError("online_distillation_chunked has no separate cross-entropy term (it never builds the "
-                            "full logits); set ce_weight=0 and use loss='hinton_kd' to mix CE in")
-        if self.objective == "offline_topk" and not self.topk_cache:
-            raise UserError("objective offline_topk needs config.topk_cache (a teacher top-k cache of train_file)")
-        if self.param_dtype not in ("float32", "bfloat16"):
-            raise UserError(f"param_dtype must be 'float32' or 'bfloat16', got {self.param_dtype!r}")
-        for name in ("steps", "batch_size", "save_every", "keep_checkpoints", "log_every", "grad_accum_steps",
-                     "steps_per_call"):
-            if getattr(self, name) < 1:
-                raise UserError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.batch_size % self.grad_accum_steps:
-            raise UserError(f"batch_size {self.batch_size} is not divisible by grad_accum_steps "
+        check_types(self)
+        if not self.model.student:
+            raise UserError("config model.student is empty; set it to the Hugging Face folder of the model to train")
+        if not self.data.train_file:
+            raise UserError("config data.train_file is empty; set it to a JSONL file")
+        if self.model.param_dtype not in ("float32", "bfloat16"):
+            raise UserError(f"model.param_dtype must be 'float32' or 'bfloat16', got {self.model.param_dtype!r}")
+        for name, value in (("steps", self.steps), ("data.batch_size", self.data.batch_size),
+                            ("data.max_length", self.data.max_length),
+                            ("checkpoint.save_every", self.checkpoint.save_every),
+                            ("checkpoint.keep", self.checkpoint.keep), ("log_every", self.log_every),
+                            ("grad_accum_steps", self.grad_accum_steps), ("steps_per_call", self.steps_per_call)):
+            if value < 1:
+                raise UserError(f"{name} must be >= 1, got {value}")
+        if self.eval_every < 0:
+            raise UserError(f"eval_every must be >= 0, got {self.eval_every}")
+        if self.data.batch_size % self.grad_accum_steps:
+            raise UserError(f"data.batch_size {self.data.batch_size} is not divisible by grad_accum_steps "
                             f"{self.grad_accum_steps}")
+        self.optim_config().validate()
+        self.objective.validate()
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return to_dict(self)
 
 
 # Fields that may differ when a run is resumed (they do not change what has been computed so far).
-RESUMABLE_CHANGES = frozenset({"steps", "save_every", "keep_checkpoints", "log_every", "eval_every", "export",
-                               "mesh_data", "mesh_fsdp", "mesh_tensor", "steps_per_call"})
+RESUMABLE_CHANGES = frozenset({"steps", "checkpoint.save_every", "checkpoint.keep", "log_every", "eval_every",
+                               "export", "mesh.data", "mesh.fsdp", "mesh.tensor", "steps_per_call"})
 
 
-def _parse_value(field: dataclasses.Field, raw: str) -> Any:
-    kind = field.type if isinstance(field.type, str) else getattr(field.type, "__name__", str(field.type))
+# ------------------------------------------------------------------------------------------ tree <-> dict
+def to_dict(node) -> Any:
+    if isinstance(node, Objective):
+        return {"name": node.name, **{f.name: to_dict(getattr(node, f.name)) for f in dataclasses.fields(node)}}
+    if dataclasses.is_dataclass(node):
+        return {f.name: to_dict(getattr(node, f.name)) for f in dataclasses.fields(node)}
+    if isinstance(node, (tuple, list)):
+        return [to_dict(x) for x in node]
+    if isinstance(node, dict):
+        return {k: to_dict(v) for k, v in node.items()}
+    return node
+
+
+def _hints(cls) -> dict:
+    return typing.get_type_hints(cls)
+
+
+def _build(cls, raw, where: str):
+    """An instance of dataclass ``cls`` from a dict (JSON), every field converted by its type."""
+    if isinstance(raw, cls):
+        return raw
+    if not isinstance(raw, dict):
+        raise UserError(f"config {where}: expected a mapping of {cls.__name__} fields, got {raw!r}")
+    if cls is Objective:
+        raw = dict(raw)
+        name = raw.pop("name", None)
+        if not isinstance(name, str):
+            raise UserError(f"config {where}: the objective needs a 'name'")
+        cls = get_objective(name)
+    hints = _hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        raise UserError(f"config {where}: unknown field(s) {', '.join(unknown)}; {cls.__name__} has "
+                        f"{', '.join(sorted(names)) or 'no fields'}")
+    return cls(**{k: _from_json(hints[k], v, f"{where}.{k}" if where else k) for k, v in raw.items()})
+
+
+def _from_json(tp, value, where: str):
+    origin = typing.get_origin(tp)
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp) or tp is Objective:
+        return _build(tp, value, where)
+    if origin is tuple and isinstance(value, (list, tuple)):
+        item = typing.get_args(tp)[0]
+        return tuple(_from_json(item, v, f"{where}[{i}]") for i, v in enumerate(value))
+    return value
+
+
+def from_dict(raw: dict) -> TrainConfig:
+    """A ``TrainConfig`` from ``to_dict``'s output (a workdir's ``config.json``). A flat dict written by the
+    library before the config tree existed is refused with the way out."""
+    if not isinstance(raw, dict) or "model" not in raw or not isinstance(raw.get("objective"), dict):
+        raise UserError("this config.json was written by an older proxytune_jax (one flat TrainConfig); the run "
+                        "cannot be resumed with this version: start it in a new --workdir (its exported final/ "
+                        "folder, if any, still loads as a model)")
+    return _build(TrainConfig, raw, "")
+
+
+# ------------------------------------------------------------------------------------------ type checking
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _check_value(tp, value, where: str) -> None:
+    origin = typing.get_origin(tp)
+    if tp is Objective:
+        if not isinstance(value, Objective):
+            raise UserError(f"config {where}: expected an objective (e.g. training.objectives.SFT()), got {value!r}")
+        check_types(value, where)
+        return
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+        if not isinstance(value, tp):
+            raise UserError(f"config {where}: expected {tp.__name__}(...), got {value!r}")
+        check_types(value, where)
+        return
+    if origin is tuple:
+        if not isinstance(value, tuple):
+            raise UserError(f"config {where}: expected a tuple, got {value!r}")
+        for i, v in enumerate(value):
+            _check_value(typing.get_args(tp)[0], v, f"{where}[{i}]")
+        return
+    if tp is bool:
+        ok = isinstance(value, bool)
+    elif tp is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif tp is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    elif tp is str:
+        ok = isinstance(value, str)
+    elif tp is dict or origin is dict:
+        ok = isinstance(value, dict)
+    else:
+        ok = True
+    if not ok:
+        raise UserError(f"config {where}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+    if tp is float and value != value:
+        raise UserError(f"config {where}: NaN is not a value")
+
+
+def check_types(node, prefix: str = "") -> None:
+    """Raise ``UserError`` naming the first field of the tree whose value does not have its declared type."""
+    hints = _hints(type(node))
+    for f in dataclasses.fields(node):
+        _check_value(hints[f.name], getattr(node, f.name), f"{prefix}.{f.name}" if prefix else f.name)
+
+
+# ------------------------------------------------------------------------------------------ --set overrides
+def _parse(tp, raw: str, where: str):
+    origin = typing.get_origin(tp)
     try:
-        if kind == "bool":
+        if tp is bool:
             low = raw.strip().lower()
             if low in ("true", "1", "yes"):
                 return True
             if low in ("false", "0", "no"):
                 return False
             raise ValueError(raw)
-        if kind == "int":
+        if tp is int:
             return int(raw)
-        if kind == "float":
+        if tp is float:
             return float(raw)
-        if kind == "dict":
-            value = json.loads(raw)
-            if not isinstance(value, dict):
-                raise ValueError(raw)
-            return value
-        return raw
+        if tp is str:
+            return raw
+        value = json.loads(raw)
+        if (tp is dict or origin is dict) and not isinstance(value, dict):
+            raise ValueError(raw)
+        return _from_json(tp, value, where)
     except (ValueError, json.JSONDecodeError):
-        raise UserError(f"--set {field.name}={raw}: cannot read {raw!r} as {kind}") from None
+        raise UserError(f"--set {where}={raw}: cannot read {raw!r} as {_type_name(tp)}") from None
+
+
+def _set_path(node, path: list[str], raw: str, where: str):
+    key, rest = path[0], path[1:]
+    if isinstance(node, dict):
+        if rest:
+            inner = node.get(key, {})
+            if not isinstance(inner, dict):
+                raise UserError(f"--set {where}: {key} is not a mapping")
+            return {**node, key: _set_path(inner, rest, raw, where)}
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw  # a bare word is a string
+        return {**node, key: value}
+    if isinstance(node, Objective) and key == "name" and not rest:
+        cls = get_objective(raw.strip())
+        keep = {f.name: getattr(node, f.name) for f in dataclasses.fields(node)
+                if f.name in {g.name for g in dataclasses.fields(cls)}}
+        return cls(**keep)
+    if not dataclasses.is_dataclass(node):
+        raise UserError(f"--set {where}: {'.'.join(path)} is not a config field")
+    fields = {f.name for f in dataclasses.fields(node)}
+    if key not in fields:
+        raise UserError(f"--set {where}: unknown field {key!r} of {type(node).__name__}; its fields are "
+                        f"{', '.join(sorted(fields))}")
+    tp = _hints(type(node))[key]
+    current = getattr(node, key)
+    if rest:
+        return dataclasses.replace(node, **{key: _set_path(current, rest, raw, where)})
+    return dataclasses.replace(node, **{key: _parse(tp, raw, where)})
 
 
 def apply_overrides(config: TrainConfig, overrides: Sequence[str]) -> TrainConfig:
-    """``["steps=10", "loss_kwargs={\\"beta\\": 0.5}"]`` -> a new config."""
-    fields = {f.name: f for f in dataclasses.fields(config)}
-    changes = {}
+    """``["optim.learning_rate=1e-3", "objective.loss_params.beta=0.5"]`` -> a new config."""
     for item in overrides:
         if "=" not in item:
-            raise UserError(f"--set {item!r}: write key=value")
+            raise UserError(f"--set {item!r}: write key=value, e.g. --set optim.learning_rate=1e-3")
         key, raw = item.split("=", 1)
         key = key.strip()
-        if key not in fields:
-            raise UserError(f"--set {key}: unknown config field; fields are {', '.join(fields)}")
-        changes[key] = _parse_value(fields[key], raw)
-    return dataclasses.replace(config, **changes)
+        config = _set_path(config, key.split("."), raw, key)
+    return config
 
 
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> TrainConfig:
-    """Run a config file and return its ``config`` (a ``TrainConfig``), with ``overrides`` applied."""
+    """Run a config file and return its ``config`` (a ``TrainConfig``), with ``overrides`` applied, validated."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"config file {path} does not exist; see experiments/configs/ for examples")
-    spec = importlib.util.spec_from_file_location(f"_proxytune_config_{abs(hash(str(path)))}", path)
+    spec = importlib.util.spec_from_file_location(f"_proxytune_config_{abs(hash(str(path.resolve())))}", path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # objectives defined in the file resolve their type hints through it
     try:
         spec.loader.exec_module(module)
     except UserError:
@@ -169,14 +304,26 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> TrainConfig:
     return config
 
 
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and k not in ("loss_params", "params"):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
 def check_resume_compatible(saved: dict, config: TrainConfig, workdir: Path) -> list[str]:
     """Compare a workdir's config.json with ``config``; raise on changes that would corrupt a resume and
     return the names of harmless changed fields."""
-    current = config.to_dict()
-    changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+    from_dict(saved)  # refuses the old flat format with its own message
+    old, new = _flatten(saved), _flatten(config.to_dict())
+    changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
     bad = [k for k in changed if k not in RESUMABLE_CHANGES]
     if bad:
-        detail = "; ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in bad[:5])
+        detail = "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in bad[:5])
         raise UserError(f"{workdir} holds a run with a different configuration ({detail}); rerun with the same "
                         "settings to resume it, or use a new --workdir")
     return changed

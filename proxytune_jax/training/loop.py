@@ -10,7 +10,7 @@ Workdir layout:
   ``final/``          the trained params as a Hugging Face folder (+ tokenizer), when ``export``.
 
 Several optimizer steps per jitted call (``steps_per_call``, ``training.step.make_multi_step``): calls are cut
-at every checkpoint, evaluation and the last step (``_call_length``), so those see the state of their own
+at every checkpoint, evaluation and the last step (``trainer.call_length``), so those see the state of their own
 step; a logged step inside a call gets its metrics from the stacked ones and an even share of the call's time.
 
 Rerunning the same command resumes from the last complete checkpoint: the state (params, optimizer, step,
@@ -33,13 +33,15 @@ from tqdm.auto import tqdm
 
 from proxytune_jax.checkpoint import Checkpointer
 from proxytune_jax.errors import UserError
-from proxytune_jax.sharding import (MeshConfig, make_mesh, put_global, put_global_batch, put_stacked_batches,
-                                    replicated, to_host, tree_shardings)
+from proxytune_jax.sharding import (make_mesh, put_global, put_global_batch, put_stacked_batches, replicated,
+                                    to_host, tree_shardings)
 from proxytune_jax.training.config import TrainConfig, check_resume_compatible
 from proxytune_jax.training.data import Batches, load_batches
-from proxytune_jax.training.optim import OptimConfig, learning_rate_schedule, make_optimizer
+from proxytune_jax.training.objectives import DataContext, Objective
+from proxytune_jax.training.optim import learning_rate_schedule, make_optimizer
 from proxytune_jax.training.state import abstract_train_state, init_train_state, split_params
 from proxytune_jax.training.step import make_eval_step, make_multi_step, make_train_step, mean_metrics
+from proxytune_jax.training.trainer import run_steps
 
 _HOST_ONLY_KEYS = ("token_index",)  # batch entries used on the host (cache alignment), not by the step
 
@@ -53,13 +55,6 @@ class TrainResult:
     last_metrics: dict
     eval_metrics: dict
     state: Any = None  # the final TrainState (on device)
-
-
-def optim_config(config: TrainConfig) -> OptimConfig:
-    return OptimConfig(learning_rate=config.learning_rate, warmup_steps=config.warmup_steps,
-                       total_steps=config.steps, min_lr_ratio=config.min_lr_ratio,
-                       weight_decay=config.weight_decay, b1=config.b1, b2=config.b2,
-                       grad_clip_norm=config.grad_clip_norm)
 
 
 def _dtype(name: str):
@@ -99,30 +94,6 @@ def _truncate_metrics(path: Path, upto_step: int) -> int:
     return dropped
 
 
-def build_objective(config: TrainConfig, student_graphdef, frozen_graphdefs: dict) -> Callable:
-    from proxytune_jax.training import objectives as O
-    if config.objective == "sft":
-        return O.sft_objective(student_graphdef)
-    if config.objective == "online_distillation":
-        return O.online_distillation_objective(
-            student_graphdef, frozen_graphdefs["teacher"], loss=config.loss, temperature=config.temperature,
-            kd_weight=config.kd_weight, ce_weight=config.ce_weight, loss_kwargs=config.loss_kwargs)
-    if config.objective == "online_distillation_chunked":
-        return O.online_distillation_chunked_objective(
-            student_graphdef, frozen_graphdefs["teacher"], loss=config.loss, temperature=config.temperature,
-            kd_weight=config.kd_weight, chunk_size=config.chunk_size or None, loss_kwargs=config.loss_kwargs)
-    if config.objective == "offline_topk":
-        return O.offline_topk_objective(
-            student_graphdef, temperature=config.temperature, mode=config.topk_mode,
-            kd_weight=config.kd_weight, ce_weight=config.ce_weight, loss_kwargs=config.loss_kwargs)
-    if config.objective == "bayesian":
-        return O.bayesian_objective(
-            student_graphdef, frozen_graphdefs.get("proxy"), num_bins=config.posterior_bins,
-            num_samples=config.posterior_samples, alpha=config.alpha, beta=config.beta,
-            temperature=config.temperature)
-    raise UserError(f"objective {config.objective!r} is unknown")
-
-
 class _BatchSource:
     """Host batches for a step, with per-objective additions (teacher top-k cache, n-gram prior)."""
 
@@ -146,19 +117,6 @@ def _device_batches(batches: list[dict], mesh) -> dict:
     return put_stacked_batches([{k: v for k, v in b.items() if k not in _HOST_ONLY_KEYS} for b in batches], mesh)
 
 
-def _call_length(step: int, config: TrainConfig, *, evaluating: bool) -> int:
-    """How many steps the jitted call starting after ``step`` runs: ``steps_per_call``, unless a step that
-    needs the state itself (a checkpoint, an evaluation, the last step) comes sooner; then single steps up to
-    it (one compiled program for each of 1 and ``steps_per_call``, not one per remainder). The cut points are
-    absolute step numbers, so a resumed run groups its steps exactly as an uninterrupted one."""
-    k = config.steps_per_call
-    end = min(step + k, config.steps)
-    for every in (config.save_every, config.eval_every if evaluating else 0):
-        if every:
-            end = min(end, (step // every + 1) * every)
-    return k if end - step == k else 1
-
-
 def train(config: TrainConfig, workdir: str | Path, *, mesh=None, progress: bool = True,
           on_step: Callable[[int, dict | None, Checkpointer], None] | None = None,
           return_state: bool = False) -> TrainResult:
@@ -169,6 +127,7 @@ def train(config: TrainConfig, workdir: str | Path, *, mesh=None, progress: bool
     of a call's k steps once that call has finished.
     """
     config.validate()
+    objective = config.objective
     workdir = Path(workdir)
     primary = jax.process_index() == 0
     workdir.mkdir(parents=True, exist_ok=True)
@@ -181,50 +140,47 @@ def train(config: TrainConfig, workdir: str | Path, *, mesh=None, progress: bool
         config_file.write_text(json.dumps(config.to_dict(), indent=2) + "\n")
 
     from transformers import AutoTokenizer
-    tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or config.student)
+    tokenizer = AutoTokenizer.from_pretrained(config.model.tokenizer or config.model.student)
 
-    mesh = mesh or make_mesh(MeshConfig(config.mesh_data, config.mesh_fsdp, config.mesh_tensor))
+    mesh = mesh or make_mesh(config.mesh)
     if primary and progress:
         print(f"[train] mesh {dict(mesh.shape)} over {mesh.devices.size} {jax.devices()[0].platform} device(s), "
               f"{config.steps_per_call} step(s) per call")
-    data_kwargs = dict(batch_size=config.batch_size, max_length=config.max_length, pack=config.pack)
-    train_data = load_batches(config.train_file, tokenizer, seed=config.seed, shuffle=config.shuffle, **data_kwargs)
-    eval_data = (load_batches(config.eval_file, tokenizer, seed=config.seed, shuffle=False,
+    d = config.data
+    data_kwargs = dict(batch_size=d.batch_size, max_length=d.max_length, pack=d.pack)
+    train_data = load_batches(d.train_file, tokenizer, seed=config.seed, shuffle=d.shuffle, **data_kwargs)
+    eval_data = (load_batches(d.eval_file, tokenizer, seed=config.seed, shuffle=False,
                               **{**data_kwargs, "pack": False})  # every eval example whole, in file order
-                 if config.eval_file else None)
+                 if d.eval_file else None)
 
     from proxytune_jax.models import partition_rules
-    dtype = _dtype(config.param_dtype)
-    student = _load_model(config.student, dtype, "student")
+    student = _load_model(config.model.student, _dtype(config.model.param_dtype), "student")
     graphdef, params = split_params(student)
     rules = partition_rules(student.config)
     del student
 
     frozen, frozen_graphdefs = {}, {}
-    if config.objective.startswith("online_distillation"):
-        teacher = _load_model(config.teacher, jnp.float32, "teacher")
-        tg, tp = split_params(teacher)
-        frozen["teacher"] = put_global(tp, tree_shardings(tp, partition_rules(teacher.config), mesh))
-        frozen_graphdefs["teacher"] = tg
-    if config.objective == "bayesian" and config.proxy:
-        proxy = _load_model(config.proxy, jnp.float32, "proxy")
-        pg, pp = split_params(proxy)
-        frozen["proxy"] = put_global(pp, tree_shardings(pp, partition_rules(proxy.config), mesh))
-        frozen_graphdefs["proxy"] = pg
+    for role, path in objective.frozen_models().items():
+        model = _load_model(path, jnp.float32, role)
+        fg, fp = split_params(model)
+        frozen[role] = put_global(fp, tree_shardings(fp, partition_rules(model.config), mesh))
+        frozen_graphdefs[role] = fg
 
-    train_src, eval_src = _BatchSource(train_data), (_BatchSource(eval_data) if eval_data else None)
-    if config.objective in ("offline_topk", "bayesian"):
-        from proxytune_jax.training import objectives as O
-        train_src, eval_src, extra_frozen = O.prepare_sources(config, train_src, eval_src, tokenizer, mesh)
-        frozen.update(extra_frozen)
+    train_src = _BatchSource(train_data, objective.attach(
+        DataContext("train", d.train_file, train_data.examples, tokenizer)))
+    eval_src = (_BatchSource(eval_data, objective.attach(
+        DataContext("eval", d.eval_file, eval_data.examples, tokenizer))) if eval_data else None)
 
-    oc = optim_config(config)
+    oc = config.optim_config()
     optimizer = make_optimizer(oc)
     schedule = learning_rate_schedule(oc)
-    abstract = abstract_train_state(jax.eval_shape(lambda p: p, params), optimizer, rules=rules, mesh=mesh)
+    extras = objective.init_state()
+    abstract = abstract_train_state(jax.eval_shape(lambda p: p, params), optimizer, rules=rules, mesh=mesh,
+                                    extras=extras)
     shardings = jax.tree.map(lambda s: s.sharding, abstract)
 
-    ckpt = Checkpointer(workdir / "checkpoints", save_every=config.save_every, keep=config.keep_checkpoints)
+    ckpt = Checkpointer(workdir / "checkpoints", save_every=config.checkpoint.save_every,
+                        keep=config.checkpoint.keep)
     restored = ckpt.restore_latest(abstract)
     resumed_from = None
     if restored is not None:
@@ -241,72 +197,75 @@ def train(config: TrainConfig, workdir: str | Path, *, mesh=None, progress: bool
             print(f"[train] resumed from step {start} ({workdir / 'checkpoints'})"
                   + (f"; dropped {dropped} metrics lines logged after it" if dropped else ""))
     else:
-        state = init_train_state(params, optimizer, rules=rules, mesh=mesh, seed=config.seed)
+        state = init_train_state(params, optimizer, rules=rules, mesh=mesh, seed=config.seed, extras=extras)
         del params
         start = 0
         if primary and metrics_file.exists():
             metrics_file.unlink()  # no checkpoint: the run starts over
 
-    loss_fn = build_objective(config, graphdef, frozen_graphdefs)
+    loss_fn = objective.loss_fn(graphdef, frozen_graphdefs)
+    generate = None if type(objective).generate is Objective.generate else objective.generate
     train_step = make_train_step(loss_fn, optimizer, mesh, state_shardings=shardings, frozen=frozen,
-                                 grad_accum_steps=config.grad_accum_steps, learning_rate_fn=schedule)
+                                 grad_accum_steps=config.grad_accum_steps, learning_rate_fn=schedule,
+                                 update_extras=objective.update_state, generate=generate)
     multi_step = make_multi_step(train_step) if config.steps_per_call > 1 else None
-    eval_step = (make_eval_step(loss_fn, mesh, params_shardings=shardings.params, frozen=frozen, seed=config.seed)
-                 if eval_src else None)
+    eval_step = (make_eval_step(loss_fn, mesh, params_shardings=shardings.params, frozen=frozen, seed=config.seed,
+                                state=extras) if eval_src else None)
 
     def meta_for(step: int) -> dict:
         return {"step": step, "data_position": train_data.position(step).to_dict(),
                 "num_examples": len(train_data.examples), "config": config.to_dict()}
 
-    def run_eval(step: int) -> dict:
+    def run_eval(state, step: int) -> dict:
         summed = [eval_step(state.params, _device_batch(b, mesh)) for b in eval_src.host_eval()]
         out = {f"eval_{k}": v for k, v in mean_metrics([jax.tree.map(to_host, m) for m in summed]).items()}
         if primary:
             _write_json_line(metrics_file, {"step": step, **out})
         return out
 
-    last, eval_out = {}, {}
+    log = {"last": {}, "eval": {}, "t0": time.perf_counter(), "tokens": 0}
     if eval_src and config.eval_every and start == 0:
-        eval_out = run_eval(0)  # the starting point, for comparison
+        log["eval"] = run_eval(state, 0)  # the starting point, for comparison
+
+    def on_call(state, first: int, hosts: list[dict], metrics: dict):
+        n = len(hosts)
+        t_call_end, host_metrics = None, None
+        for j, host in enumerate(hosts):
+            step = first + j + 1
+            log["tokens"] += int(host["attention_mask"].sum())
+            logged = None
+            if step % config.log_every == 0 or step == config.steps:
+                if host_metrics is None:  # waits for the call; its steps share its time evenly
+                    host_metrics = {k: np.reshape(to_host(v), (n,)) for k, v in metrics.items()}
+                    t_call_end = time.perf_counter()
+                    t_call_start = log.get("t_prev_end", log["t0"])
+                now = t_call_start + (j + 1) / n * (t_call_end - t_call_start)
+                m = {k: float(v[j]) for k, v in host_metrics.items()}
+                logged = {"step": step, **m, "tokens_per_s": log["tokens"] / max(now - log["t0"], 1e-9)}
+                log["t0"], log["tokens"], log["last"] = now, 0, logged
+                if primary:
+                    _write_json_line(metrics_file, logged)
+                bar.set_postfix(loss=f"{m['loss']:.4f}")
+            if j == n - 1:  # saves and evaluations fall on the last step of a call (trainer.call_length)
+                ckpt.save(step, state, meta_for(step), force=(step == config.steps))
+                if eval_src and config.eval_every and step % config.eval_every == 0 and step != config.steps:
+                    log["eval"] = run_eval(state, step)
+            if on_step is not None:
+                on_step(step, logged, ckpt)
+        log["t_prev_end"] = time.perf_counter() if t_call_end is None else t_call_end
+        return state
+
     bar = tqdm(total=config.steps, initial=start, desc="train", unit="step", disable=not (progress and primary),
                dynamic_ncols=True)
-    t0, tokens_since = time.perf_counter(), 0
-    step = start
+    cut = (config.checkpoint.save_every, config.eval_every if eval_src else 0)
     try:
-        while step < config.steps:
-            n = _call_length(step, config, evaluating=bool(eval_src))
-            hosts = [train_src.host(s) for s in range(step, step + n)]
-            t_call = time.perf_counter()
-            if n == 1:
-                state, metrics = train_step(state, _device_batch(hosts[0], mesh))
-            else:
-                state, metrics = multi_step(state, _device_batches(hosts, mesh))  # every metric stacked [n]
-            host_metrics = None
-            for j, host in enumerate(hosts):
-                step += 1
-                tokens_since += int(host["attention_mask"].sum())
-                logged = None
-                if step % config.log_every == 0 or step == config.steps:
-                    if host_metrics is None:  # waits for the call; its steps share its time evenly
-                        host_metrics = {k: np.reshape(to_host(v), (n,)) for k, v in metrics.items()}
-                        t_done = time.perf_counter()
-                    now = t_call + (j + 1) / n * (t_done - t_call)
-                    m = {k: float(v[j]) for k, v in host_metrics.items()}
-                    logged = {"step": step, **m, "tokens_per_s": tokens_since / max(now - t0, 1e-9)}
-                    t0, tokens_since = now, 0
-                    last = logged
-                    if primary:
-                        _write_json_line(metrics_file, logged)
-                    bar.set_postfix(loss=f"{m['loss']:.4f}")
-                if j == n - 1:  # saves and evaluations fall on the last step of a call (_call_length)
-                    ckpt.save(step, state, meta_for(step), force=(step == config.steps))
-                    if eval_src and config.eval_every and step % config.eval_every == 0 and step != config.steps:
-                        eval_out = run_eval(step)
-                bar.update(1)
-                if on_step is not None:
-                    on_step(step, logged, ckpt)
+        state = run_steps(state, train_step, multi_step, train_src.host,
+                          lambda hosts: (_device_batch(hosts[0], mesh) if len(hosts) == 1
+                                         else _device_batches(hosts, mesh)),
+                          start=start, total=config.steps, steps_per_call=config.steps_per_call, cut_every=cut,
+                          on_call=on_call, bar=bar)
         if eval_src:
-            eval_out = run_eval(step)
+            log["eval"] = run_eval(state, config.steps)
     finally:
         bar.close()
         ckpt.close()
@@ -314,8 +273,8 @@ def train(config: TrainConfig, workdir: str | Path, *, mesh=None, progress: bool
     export_dir = None
     if config.export:
         export_dir = export_params(graphdef, state.params, workdir / "final", tokenizer=tokenizer)
-    return TrainResult(final_step=step, resumed_from=resumed_from, workdir=workdir, export_dir=export_dir,
-                       last_metrics=last, eval_metrics=eval_out, state=state if return_state else None)
+    return TrainResult(final_step=config.steps, resumed_from=resumed_from, workdir=workdir, export_dir=export_dir,
+                       last_metrics=log["last"], eval_metrics=log["eval"], state=state if return_state else None)
 
 
 def export_params(graphdef, params, path: Path, *, tokenizer=None) -> Path | None:

@@ -18,13 +18,11 @@ update for every per-token loss (batch-wise losses such as SinKD couple position
 Several steps per call (``make_multi_step(train_step)``): ``n`` optimizer steps as one jitted ``lax.scan``
 over batches stacked ``[n, B, ...]`` (``sharding.put_stacked_batches``). The updates are the single step's
 (the scan body *is* the step function; bit for bit in our tests); what shrinks is the work around each call:
-dispatch of about a hundred state and teacher buffers, the host sync, the allocation of the temporaries. On the tiny
-online-distillation step of ``experiments/benchmarks/train.py`` (2 cores) that is ~2 ms of ~31 ms per step
-with ``n = 4``. It is the ``steps_per_call`` of ``proxytune train``; each distinct ``n`` compiles once.
+dispatch of the state and teacher buffers, the host sync, the allocation of the temporaries
+(measured by ``experiments/benchmarks/train.py``). It is the ``steps_per_call`` of ``proxytune train``; each
+distinct ``n`` compiles once.
 
-On CPU every step here is compiled with ``xla_options.compiler_options`` (temporaries in heaps of at most
-8 MiB, so glibc reuses them instead of page-faulting a fresh mapping in on every call; 40 -> 32-37 ms for
-that tiny step).
+On CPU every step here is compiled with ``xla_options.compiler_options`` (see that module).
 """
 from __future__ import annotations
 
@@ -112,6 +110,7 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, me
                     state_shardings: TrainState, frozen: Any = None, grad_accum_steps: int = 1,
                     learning_rate_fn: Callable | None = None,
                     update_extras: Callable[[dict, jax.Array, dict], dict] | None = None,
+                    generate: Callable[[Any, Any, dict, jax.Array], dict] | None = None,
                     donate: bool = True) -> TrainStep:
     """Build the jitted train step.
 
@@ -124,7 +123,9 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, me
         current shardings become the jit's ``in_shardings``.
       grad_accum_steps: micro-batches per optimizer step (see module docstring).
       learning_rate_fn: the schedule, only to report ``learning_rate`` in the metrics.
-      update_extras: ``(extras, step, metrics) -> extras`` for loss-specific state (default: unchanged).
+      update_extras: ``(extras, step, metrics) -> extras`` for objective state (default: unchanged).
+      generate: ``(params, frozen, batch, rng) -> batch``: data the objective makes inside the step before the
+        gradient (e.g. student samples), under ``stop_gradient`` (default: the batch as given).
       donate: donate the input state's buffers (the caller must not reuse the old state).
 
     Metrics: every term from ``loss_fn``, ``tokens`` (loss tokens in the global batch), ``grad_norm``
@@ -139,6 +140,9 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, me
 
     def step(frozen, state: TrainState, batch):
         rng, step_rng = jax.random.split(state.rng)
+        if generate is not None:
+            gen_rng, step_rng = jax.random.split(step_rng)
+            batch = jax.lax.stop_gradient(generate(state.params, frozen, batch, gen_rng))
         loss, metrics, grads = _weighted_value_and_grad(loss_fn, state.params, frozen, batch, step_rng,
                                                         state.extras, grad_accum_steps, mesh)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
@@ -191,15 +195,17 @@ class EvalStep:
 
 
 def make_eval_step(loss_fn: LossFn, mesh: Mesh, *, params_shardings: Any, frozen: Any = None,
-                   seed: int = 0) -> EvalStep:
+                   seed: int = 0, state: Any = None) -> EvalStep:
     """A jitted ``(params, batch) -> metrics`` without gradients. Each metric comes back multiplied by the
-    batch's ``tokens`` so several batches add up; ``mean_metrics`` divides by the total."""
+    batch's ``tokens`` so several batches add up; ``mean_metrics`` divides by the total. ``state``: the
+    objective state the loss reads (its initial value; default none)."""
+    objective_state = {} if state is None else state
     frozen = {} if frozen is None else frozen
     frozen_shardings = jax.tree.map(lambda x: x.sharding, frozen)
     rep = NamedSharding(mesh, P())
 
     def evaluate(frozen, params, batch):
-        _, metrics = loss_fn(params, frozen, batch, jax.random.PRNGKey(seed), {})
+        _, metrics = loss_fn(params, frozen, batch, jax.random.PRNGKey(seed), objective_state)
         w = metrics["tokens"].astype(jnp.float32)
         return {k: (v if k == "tokens" else w * v) for k, v in metrics.items()}
 
