@@ -2,7 +2,7 @@
 
 Reproduces: Liu et al. 2024 (arXiv 2401.08565), code-adaptation results (HumanEval; the paper's table also
 reports DS-1000): proxy-tuned 13B/70B Llama-2 against the base and against CodeLlama of the same size.
-The paper's numbers are not restated in methods.md; compare the printed pass@k with that table.
+The paper's numbers are not restated here; compare the printed pass@k with that table.
 Settings: base alone, proxy-tuned (α = 1), expert alone. HumanEval prompt as is (every model is a base code/
 text model: no chat template), nucleus sampling (T 0.8, top-p 0.95), ``num_samples`` per problem, stop at
 ``\\nclass``/``\\ndef``/``\\n#``/``\\nif``/``\\nprint``. CodeLlama's tokenizer has 16 extra ids past Llama-2's

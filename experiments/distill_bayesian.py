@@ -2,12 +2,13 @@
 a proxy model's samples.
 
 Reproduces: Chen et al. 2024, "Knowledge Distillation of Black-Box Large Language Models" (arXiv 2401.07013
-v1; source article 002): GPT-4 teacher → LLaMA-33B proxy → LLaMA-7B/13B student on BBH, ARC, AGIEval, MMLU,
+v1): GPT-4 teacher → LLaMA-33B proxy → LLaMA-7B/13B student on BBH, ARC, AGIEval, MMLU,
 CSQA and GSM8K; this recipe runs the GSM8K column with open models (the teacher is used only through its
-generated text, as a closed API would be). The paper's numbers are not restated in methods.md.
-Loss (methods.md §2): ``mean_t [CE_t + α·KL(p̂_t ‖ q_t) + β·KL(E(P|M)_t ‖ q_t)]`` with the n-gram prior p̂ of the
-corpus (window n, blend γ) and the posterior from K proxy samples over an m-point grid; ``proxytune train``
-objective ``bayesian`` (the γ, n, m, K, α, β defaults are ours: the paper's values are unverified).
+generated text, as a closed API would be). The paper's numbers are not restated here.
+Loss (``docs/methods.md`` §2.12): ``mean_t [CE_t + α·KL(p̂_t ‖ q_t) + β·KL(E(P|M)_t ‖ q_t)]`` with the
+n-gram prior p̂ of the corpus (window n, blend γ) and the posterior from K proxy samples over an m-point grid;
+``proxytune train`` objective ``bayesian`` (the γ, n, m, K, α, β defaults are ours: the paper's values are
+unverified).
 Steps: (1) the teacher answers the GSM8K train questions (greedy, chat prompt) → corpus C of prompt/response
 records; (2) the proxy is fine-tuned on C (``proxytune train`` sft); (3) two students on C: SFT (hard labels
 only, the "traditional" baseline) and Bayesian KD with the tuned proxy; (4) GSM8K test exact match of both.

@@ -4,9 +4,9 @@ Reproduces: Shum et al. 2024, "FIRST: Teach A Reliable Large Language Model Thro
 Distillation" (arXiv 2408.12168): the student distilled from the teacher's top-5 (ids + log-probs from a
 full-vocabulary softmax, "knowledge concentration") with the teacher temperature chosen on held-out data
 ("reliability maximization") is better calibrated (lower ECE) than one trained at τ = 1, at a small fraction
-of the storage of full distributions (methods.md §2: 120 TB → 1.2 GB in the paper's setting). The paper's
+of the storage of full distributions (120 TB → 1.2 GB in the paper's setting; ``docs/methods.md`` §2.11). The paper's
 table reports accuracy and ECE on multiple-choice benchmarks (e.g. BoolQ, CSQA); its numbers are not restated
-in methods.md (source article 004 quotes some: on CSQA the fine-tuned 7B has ECE 21.6% at 28.3% accuracy).
+here (for instance, on CSQA the paper's fine-tuned 7B has an ECE of 21.6% at 28.3% accuracy).
 Steps: (1) ``proxytune_jax.training.topk_cache.build_topk_cache`` runs the teacher once over the train and
 eval files (top-k int32 ids + float16 log-probs, memory-mapped shards); (2) ``proxytune_jax.losses.first.
 fit_temperature`` picks τ per mode by minimizing the teacher's held-out NLL over the cached top-k;

@@ -3,7 +3,7 @@ Llama-2-13B and -70B with the tuned 7B as expert and the untuned 7B as anti-expe
 
 Reproduces: Liu et al. 2024 (arXiv 2401.08565), task-finetuning results (GSM and TriviaQA, 13B and 70B
 bases; the tuned 7B expert alone and the base alone as references). The paper's numbers for this
-table are not restated in methods.md; compare the printed accuracies with it.
+table are not restated here; compare the printed accuracies with it.
 Steps: (1) ``proxytune_jax.data.gsm8k.sft_records`` writes GSM8K train as prompt/response JSONL (the zero-shot
 prompt ``Answer the following question. … Answer:`` and the worked solution ending in ``#### N``);
 (2) a ``TrainConfig`` file is written and run with ``proxytune train`` (full fine-tuning, resumable: rerun the

@@ -73,7 +73,7 @@ $$\\log p_{\\text{proxy}}(x) = \\log p_{M}(x) + \\alpha\\,\\big(\\log p_{M^+}(x)
 Here the large base knows the held-out people's coins (from pretraining) but not the answer format; the small
 tuned model knows the format but not the facts. The notebook compares the base, the tuned models and the
 proxy-tuned large model on held-out questions, sweeps α, and tries DExperts. Every model keeps its own prompt:
-the expert reads the chat template, base and anti-expert the plain question (methods.md §1)."""
+the expert reads the chat template, base and anti-expert the plain question (`docs/methods.md` §1.7)."""
 
 PT_EVAL = '''\
 from proxytune_jax.eval import gap_closed
@@ -129,7 +129,7 @@ D_INTRO = """\
 # Knowledge distillation in the toy world
 
 The instruction-tuned large model (teacher) is distilled into the small *base* model (student) on the
-instruction data, with several losses of `proxytune_jax.losses` (methods.md §2): forward KL, reverse KL
+instruction data, with several losses of `proxytune_jax.losses` (`docs/methods.md` §2): forward KL, reverse KL
 (MiniLLM), JS, TVD, skew KL (DistiLLM), generalized JSD (GKD), adaptive KL, and FIRST's top-5 teacher. Plain
 SFT on the gold answers is the baseline. We report held-out question accuracy (greedy generation), the
 response-token NLL and the calibration (ECE, reliability diagram) under teacher forcing."""

@@ -138,11 +138,8 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
 
 
 def _distributed_is_initialized() -> bool:
-    try:
-        from jax._src import distributed as _dist  # the documented check has no public name yet
-        return _dist.global_state.client is not None
-    except Exception:  # noqa: BLE001
-        return False
+    """Whether ``jax.distributed.initialize`` has already run in this process (public API, jax >= 0.10)."""
+    return jax.distributed.is_initialized()
 
 
 def _check_batch_divisible(rows: int, mesh: Mesh) -> None:

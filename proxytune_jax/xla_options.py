@@ -9,16 +9,13 @@ glibc's malloc serves a request above its mmap threshold with a fresh ``mmap`` a
 threshold adapts upward to freed blocks, but never past 32 MiB. So a temp heap larger than that is faulted in,
 page by zeroed page, on every call.
 
-The tiny online-distillation step of ``experiments/benchmarks/train.py`` has a 37.2 MiB temp heap. The option
-splits it into heaps of at most 8 MiB; their total is 37.3 MiB. Measured on one core (``getrusage`` minor page
-faults over 30 steps, one process per setting):
-
-    default (one 37.2 MiB heap)          9545 faults per step, median 77.5 ms per step
-    heaps of at most 8 MiB (this option)  875 faults per step,  median 52.8 ms per step
-    glibc told to keep freed memory       422 faults per step,  median 54.1 ms per step
-    (MALLOC_MMAP_THRESHOLD_/MALLOC_TRIM_THRESHOLD_, process-global, for reference)
-
-On 2 cores the step runs at 32-37 ms instead of 40-41 ms.
+Even the tiny online-distillation step of ``experiments/benchmarks/train.py`` has a temp heap above 32 MiB.
+The option splits the temporaries into heaps of at most 8 MiB (about the same total), each below the
+threshold, so malloc keeps reusing them instead of mapping and faulting in fresh zeroed pages on every call.
+Telling glibc to keep freed memory (``MALLOC_MMAP_THRESHOLD_``/``MALLOC_TRIM_THRESHOLD_``) would avoid the
+faults too, but only process-wide. ``experiments/benchmarks/cpu_heaps.py`` measures minor page faults and
+time per step of that train step with this option, without it, and with the glibc settings, each in a fresh
+process, in one run.
 
 The constraint is soft: a single buffer larger than 8 MiB still gets a heap of its own. Buffer assignment does
 not change any arithmetic, so results are bit for bit the same.

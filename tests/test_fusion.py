@@ -1,4 +1,4 @@
-"""Each fusion rule against a NumPy re-statement of its formula (methods.md §1) on random logits, plus
+"""Each fusion rule against a NumPy re-statement of its formula (docs/methods.md §1) on random logits, plus
 invariants: traced hyperparameters (vmap over α), -inf handling without NaN, registry errors."""
 from __future__ import annotations
 

@@ -20,7 +20,7 @@ class DistillBayesianConfig:
     train: dict = field(default_factory=lambda: dict(
         max_length=768, batch_size=64, steps=500, learning_rate=2e-5, warmup_steps=15, weight_decay=0.0,
         param_dtype="bfloat16", mesh_data=1, mesh_fsdp=-1, save_every=100, log_every=10))
-    # Bayesian KD hyperparameters (TrainConfig fields; the paper's values are unverified, methods.md §2)
+    # Bayesian KD hyperparameters (TrainConfig fields; the paper's values are unverified, docs/methods.md §2.12)
     bayesian: dict = field(default_factory=lambda: dict(
         ngram_n=3, gamma=2.0, posterior_bins=16, posterior_samples=8, alpha=0.5, beta=0.5))
     max_eval_examples: int | None = None

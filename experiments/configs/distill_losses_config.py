@@ -12,7 +12,7 @@ class DistillLossesConfig:
     student: str = "checkpoints/gpt2-dolly-sft"  # GPT-2 base (124M), SFT-initialized
     train_data: str = "data/dolly/train.jsonl"  # databricks-dolly-15k records
     eval_data: str = "data/dolly/valid.jsonl"  # held-out records (MiniLLM holds out 500)
-    # (loss name, loss kwargs) -- every divergence of methods.md §2 with its paper default
+    # (loss name, loss kwargs) -- every divergence of docs/methods.md §2 with its paper default
     losses: tuple[tuple[str, tuple[tuple[str, float], ...]], ...] = (
         ("forward_kl", ()), ("reverse_kl", ()), ("js_divergence", ()), ("tv_distance", ()),
         ("skew_forward_kl", (("alpha", 0.1),)), ("skew_reverse_kl", (("alpha", 0.1),)),

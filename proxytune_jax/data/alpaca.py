@@ -14,7 +14,8 @@ the expert gets the instruction as its user turn in its chat template, no respon
 Metric: win rate against the reference outputs judged by GPT-4 (the ``alpaca_eval`` package,
 ``alpaca_eval_gpt4_0314`` annotator) - an external, paid judge that this library does not call.
 :func:`alpaca_eval_outputs` writes the model outputs in the format ``alpaca_eval --model_outputs`` reads.
-Paper anchors (methods.md §1): 13B/70B base 2.1/3.7 → proxy-tuned 83.4/88.0 → chat 87.3/90.4 win%.
+Paper anchors (Liu et al. 2024, Llama-2, α = 1; ``docs/methods.md`` §1.10): 13B/70B base 2.1/3.7 →
+proxy-tuned 83.4/88.0 → chat 87.3/90.4 win%.
 """
 from __future__ import annotations
 

@@ -9,7 +9,7 @@ prompt + summary fit GPT-2's 1024-token context. The reference is the highlights
 turned into spaces.
 
 Metric: ROUGE-1/2/L F-measure (``rouge-score``, stemming on) of the output against the highlights, used for
-the small-guided-by-large fusions (direct, temperature-scaled, low-confidence masking; methods.md §1).
+the small-guided-by-large fusions (direct, temperature-scaled, low-confidence masking; ``docs/methods.md`` §1.5).
 """
 from __future__ import annotations
 

@@ -11,8 +11,8 @@ Prompt (our choice, following the proxy-tuning paper's released evaluation): **z
   tokenizer's chat template, then the response prefix ``"Answer:"``.
 
 ``n_shot > 0`` prepends exemplars from a train file as ``"Question: {q}\\nAnswer: {worked answer}\\n\\n"``
-(the Llama-2 paper's 8-shot setting); the paper anchors (methods.md §1: 13B base 6.6 → proxy 26.4 → chat
-32.4) are zero-shot.
+(the Llama-2 paper's 8-shot setting); the paper anchors (Liu et al. 2024, ``docs/methods.md`` §1.10:
+13B base 6.6 → proxy 26.4 → chat 32.4) are zero-shot.
 
 Metric: exact match of the number after ``####`` (else the last number) in the output, after cutting the
 output where the base model starts a new question (``Answer the following question``, ``Question:``,

@@ -1,8 +1,8 @@
 """One evaluation example with the two prompt views proxy-tuning needs.
 
-Proxy-tuning (official code, methods.md §1) gives the **base** and **anti-expert** the plain prompt and the
-**expert** (a chat model) its chat template around the same request, followed by a response prefix such as
-``"Answer:"``. A :class:`PromptExample` therefore carries both views:
+Proxy-tuning (Liu et al. 2024, official code; ``docs/methods.md`` §1.7) gives the **base** and
+**anti-expert** the plain prompt and the **expert** (a chat model) its chat template around the same request,
+followed by a response prefix such as ``"Answer:"``. A :class:`PromptExample` therefore carries both views:
 
 - ``prompt``: the plain text for base / anti-expert / any untuned model;
 - ``messages`` + ``response_prefix``: the chat turn(s) for the expert; :func:`chat_prompt` renders them with

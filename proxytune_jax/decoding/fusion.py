@@ -1,9 +1,9 @@
 """Fusion rules: per-step pure functions ``(per-model scores, params) -> combined next-token scores``.
 
-Spec: ``shared/docs/methods.md`` §1. Every rule is one function registered by name in :data:`FUSION_RULES`
-with the role of each model it takes (in order), whether it reads each model's **log-probs**
-(``log_softmax`` of the logits) or its **raw logits**, and its default hyperparameters. Adding a rule means
-adding one decorated function.
+Formulas, defaults and paper references: ``docs/methods.md`` §1. Every rule is one function registered by
+name in :data:`FUSION_RULES` with the role of each model it takes (in order), whether it reads each model's
+**log-probs** (``log_softmax`` of the logits) or its **raw logits**, and its default hyperparameters. Adding a
+rule means adding one decorated function.
 
 Conventions (all inputs ``[B, V]`` float32 over the shared vocabulary, outputs ``[B, V]`` float32):
 
@@ -182,7 +182,8 @@ def contrastive(logits, params):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# "small + λ·large" fusions on raw logits (source article 000 §3; s_S small, s_L large).
+# "small + λ·large" fusions on raw logits (heuristics from a tutorial blog post, not a paper; docs/methods.md
+# §1.5; s_S small, s_L large).
 
 
 @register("small_large_direct", roles=("small", "large"), inputs="logits", defaults={"lam": 0.5})

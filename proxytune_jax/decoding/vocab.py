@@ -1,4 +1,4 @@
-"""Vocabulary alignment across the models of one decode (spec: methods.md §1, "Vocabularies").
+"""Vocabulary alignment across the models of one decode (``docs/methods.md`` §1.8).
 
 Checkpoints of one family often pad their embedding matrices differently (Llama-2 32000 vs 32001, Qwen 151936
 vs 152064), and chat checkpoints add tokens past the base vocabulary. We combine over the **shared id range**

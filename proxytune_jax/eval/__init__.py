@@ -1,4 +1,4 @@
-"""Evaluation metrics (methods.md §3): GSM-style answers and exact match, multiple choice by
+"""Evaluation metrics (``docs/methods.md`` §3): GSM-style answers and exact match, multiple choice by
 log-likelihood, ECE with reliability diagrams, response NLL / perplexity, ROUGE, gap closed, and the share
 of top-1 tokens changed by a decoding-time rule."""
 from proxytune_jax.eval.answers import (accuracy, exact_match, extract_answer, normalize_number,

@@ -1,6 +1,6 @@
 """GSM-style answer extraction and exact match.
 
-Convention (methods.md §3): the answer of a completion is the number after the **first** ``####`` marker
+Convention (``docs/methods.md`` §3.3): the answer of a completion is the number after the **first** ``####`` marker
 (GSM8K's reference format); when there is no marker, the **last** number in the text. Numbers are
 normalized before comparison: thousands separators (``1,000``), a leading ``+``, a ``$`` sign and a
 trailing period are dropped and decimals are canonicalized (``3.50`` == ``3.5``, ``4.0`` == ``4``,

@@ -1,4 +1,4 @@
-"""Expected calibration error and reliability diagrams (methods.md §3).
+"""Expected calibration error and reliability diagrams (Guo et al. 2017; ``docs/methods.md`` §3.1).
 
 Equal-width bins on the top-1 confidence over [0, 1]. Bin ``b`` of ``n_bins`` holds confidences in
 ``(b/n_bins, (b+1)/n_bins]``; a confidence of exactly 0 goes to the first bin. Then

@@ -18,9 +18,9 @@ def gap_closed_one(base: float, proxy: float, tuned: float) -> float:
 
 def gap_closed(base: Mapping[str, float] | float, proxy: Mapping[str, float] | float,
                tuned: Mapping[str, float] | float) -> float:
-    """Gap closed averaged uncapped over tasks (methods.md §3). Scalars mean one task; dicts map task ->
-    score and must share keys. Tasks with an undefined gap (``tuned == base``) are left out of the mean;
-    NaN when no task has a defined gap."""
+    """Gap closed averaged uncapped over tasks (Liu et al. 2024; ``docs/methods.md`` §3.2). Scalars mean one
+    task; dicts map task -> score and must share keys. Tasks with an undefined gap (``tuned == base``) are
+    left out of the mean; NaN when no task has a defined gap."""
     if not isinstance(base, Mapping):
         return gap_closed_one(float(base), float(proxy), float(tuned))  # type: ignore[arg-type]
     if set(base) != set(proxy) or set(base) != set(tuned):  # type: ignore[arg-type]

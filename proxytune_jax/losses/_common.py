@@ -1,4 +1,4 @@
-"""Shared conventions of every distillation loss (methods.md §2).
+"""Shared conventions of every distillation loss (``docs/methods.md`` §2.1).
 
 - Inputs: logits ``[..., V]`` in any float dtype; all math is done in float32 (bf16 inputs are upcast first).
 - ``mask [...]`` marks valid positions (bool or 0/1). ``None`` means every position is valid. Masked positions

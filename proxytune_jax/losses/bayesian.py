@@ -1,4 +1,4 @@
-"""Bayesian KD from a closed-source teacher (Chen et al., arXiv 2401.07013 v1; methods.md §2).
+"""Bayesian KD from a closed-source teacher (Chen et al. 2024, arXiv 2401.07013 v1; ``docs/methods.md`` §2.12).
 
 The teacher T only gives text (a corpus C of its generations). Its next-token distribution is estimated as
   1. a **prior** ``p̂`` from hashed n-gram counts over C (``NgramPrior``), blended with the one-hot label:

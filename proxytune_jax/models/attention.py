@@ -16,22 +16,19 @@ with ``dS`` zeroed where ``allowed`` is False, exactly as autodiff of ``where`` 
 allowed key (a left-pad position) gets a uniform softmax forward and exactly zero score gradient backward.
 Autodiff of the masked softmax materializes several score-sized broadcasts, selects and relayouts; this form
 makes one elementwise pass over the scores backward (``rowsum(P ∘ dP)`` is taken as ``rowsum(dO ∘ O)``, on
-the small ``[G*T, D]`` tensors).
-
-Measured on the 2-core CPU: one attention call of the tiny teacher (B 8, T 128, H 4, K 2, D 32)
-forward+backward ~4.5-5.2 -> ~3.5 ms; the online-distillation step of ``experiments/benchmarks/train.py``
-(tiny) 6-10% less time per step on 1 or 2 cores (same-process A/B against the autodiff formulation; vs
-PyTorch 1.02-1.07x -> 1.14-1.26x in alternating runs of the benchmark).
+the small ``[G*T, D]`` tensors). ``experiments/benchmarks/attention.py`` times this backward pass against
+the autodiff formulation in the same run (row ``autodiff``); ``experiments/benchmarks/train.py`` times the
+whole train step.
 
 ``attend_causal`` is the same product for the common case where no query may see a later slot (every
 forward pass without a KV cache: training, scoring, evaluation; causal, padding and sliding-window masks are
 all inside the causal triangle). It splits the queries into ``n`` blocks and lets block ``i`` multiply only
 the keys up to its own end, skipping the upper triangle: ``(n + 1) / 2n`` of the score work (62.5% at
-``n = 4``). ``causal_blocks(T) = floor(sqrt(T // 8))`` was the fastest block count measured on the 2-core
-CPU (forward+backward, tiny shapes): T 128 -> 4 blocks (3.0 -> 2.1 ms per student attention call, 8 blocks
-2.2 ms, 16 blocks 3.3 ms), T 512 -> 8 (15.6 -> 7.3 ms; 4: 8.7, 16: 8.3), T 2048 forward -> 16 (65.7 ->
-40.4 ms; 8: 44.3). The tiny online-distillation step of ``experiments/benchmarks/train.py``: 31.5 -> 27.8 ms
-(one process per setting, alternating; 8 blocks: 34.9 ms).
+``n = 4``), at the price of ``n`` smaller products instead of one. More blocks skip more of the triangle
+but make each product smaller, so the best count grows slowly with T; ``causal_blocks(T) = floor(sqrt(T // 8))``
+(T 128 -> 4, T 512 -> 8, T 2048 -> 16) is the block count that was fastest on a 2-core CPU.
+``experiments/benchmarks/attention.py`` measures ``attend_causal`` at several block counts against ``attend``
+(forward+backward, or ``--forward-only``) in one run; ``experiments/benchmarks/train.py`` times the train step.
 
 Not done, on purpose: computing ``dVᵀ``/``dKᵀ`` and transposing them behind an ``optimization_barrier`` is
 faster in isolation but aborts XLA:CPU's dot emitter (a failed layout check, jax 0.10.2) for some decode
@@ -108,7 +105,8 @@ _attention.defvjp(_attention_fwd, _attention_bwd)
 
 def causal_blocks(seq_len: int) -> int:
     """Query blocks ``attend_causal`` uses for ``seq_len`` queries: ``floor(sqrt(seq_len // 8))``, at least 1
-    (T 128 -> 4, T 512 -> 8, T 2048 -> 16; the fastest measured, see the module docstring)."""
+    (T 128 -> 4, T 512 -> 8, T 2048 -> 16; the fastest on a 2-core CPU, see the module docstring and
+    ``experiments/benchmarks/attention.py``)."""
     return max(1, math.isqrt(seq_len // 8))
 
 

@@ -47,9 +47,10 @@ def dense(x: jax.Array, w: jax.Array, out_dtype=None) -> jax.Array:
     (an ``optimization_barrier`` keeps XLA from folding the transpose back into the product): XLA:CPU then
     streams each weight row once, contiguous, against all ``N`` rows of ``x``. With one row, or many (training,
     prefill), it is the plain ``einsum("...i,oi->...o")`` (at N = 1 that is already a contiguous matrix-vector
-    product). Measured on a 2-core EPYC, 12 MLP blocks of 1024 x 2816 (``experiments/benchmarks/
-    dense_layout.py``), against ``x @ w[I, O]`` (flax's layout): 1.2-1.4x faster at N = 1, 1.5-2.4x at N = 8,
-    1.15x at N = 128, equal at N = 512.
+    product). Few-row products are bound by reading the weights, so the layout that reads them contiguously
+    wins there; with many rows the matmul units dominate and the layouts tie. ``experiments/benchmarks/
+    dense_layout.py`` measures ``dense`` against ``x @ w[I, O]`` (flax's layout) for several row counts N in
+    one run and prints the speed-up.
 
     Backward pass spelled out: ``dx = g @ w`` and ``dw = g_flat.T @ x_flat`` (``[N, O] x [N, I] -> [O, I]``).
     JAX's generic ``dot_general`` transpose rule would produce ``dw`` transposed and make XLA:CPU materialize

@@ -1,8 +1,9 @@
 """Evaluation in the toy world through the library's decoding engine (``proxytune_jax.decoding``):
 greedy generation for single models and proxy-tuned ensembles, scored with GSM-style exact match.
 
-Prompts follow the official proxy-tuning convention (methods.md §1): tuned models (experts) read the
-question through the tokenizer's chat template; base models and the anti-expert read the plain question.
+Prompts follow the official proxy-tuning convention (Liu et al. 2024; ``docs/methods.md`` §1.7): tuned models
+(experts) read the question through the tokenizer's chat template; base models and the anti-expert read the
+plain question.
 """
 from __future__ import annotations
 

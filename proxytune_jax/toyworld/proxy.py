@@ -1,4 +1,4 @@
-"""The proxy-tuning experiment of the toy world (methods.md §1): on held-out questions, compare
+"""The proxy-tuning experiment of the toy world (``docs/methods.md`` §1.1): on held-out questions, compare
 base-large, tuned-small, proxy-tuned-large (``log p_base-large + α·(log p_tuned-small − log p_base-small)``,
 greedy) and tuned-large, sweep α, and record the share of generated tokens whose top-1 changed vs the base.
 """
