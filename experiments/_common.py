@@ -26,38 +26,67 @@ if str(_REPO) not in sys.path:  # `python experiments/x.py` from anywhere: make 
 # ------------------------------------------------------------------------------------------- CLI/config
 def parse_args(description: str, argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Common flags: ``--smoke`` (tiny random models + tiny data written to ``--out``), ``--out``,
-    ``--set key=value`` config overrides (repeatable, values parsed as JSON when possible)."""
+    ``--set key=value`` config overrides (repeatable; see :func:`apply_overrides`)."""
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--smoke", action="store_true", help="run end to end on tiny random models and tiny data")
     p.add_argument("--out", default=None, help="results folder (default: the config's out_dir)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config field, e.g. --set alpha=0.8 --set max_examples=50; JSON values; "
-                        "dict fields merge (--set 'train={\"steps\": 10}')")
+                   help="override a config field, e.g. --set alpha=0.8 --set max_examples=50 (JSON values); "
+                        "a dotted key reaches inside a nested config, e.g. --set train.steps=10 "
+                        "--set train.optim.learning_rate=1e-4 --set mesh.fsdp=2")
     return p.parse_args(argv)
 
 
+def _parse_value(raw: str):
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        return raw  # a bare word is a string
+    return tuple(value) if isinstance(value, list) else value
+
+
+def _override(node, path: list[str], raw: str, where: str):
+    """``node`` (a dataclass) with the field at ``path`` set from ``raw``. A ``TrainConfig`` inside an
+    experiment config takes the rest of the path through the library's own ``apply_overrides`` (typed, with
+    ``objective.name`` switching objectives); other nested dataclasses (a ``MeshConfig``) by field name."""
+    from proxytune_jax.errors import UserError
+    from proxytune_jax.training.config import TrainConfig, apply_overrides as train_overrides
+
+    if isinstance(node, TrainConfig):
+        inner = ".".join(path)
+        try:
+            return train_overrides(node, [f"{inner}={raw}"])
+        except UserError as err:  # name the key as the user wrote it (train.optim.…, not optim.…)
+            raise UserError(str(err).replace(f"--set {inner}", f"--set {where}", 1)) from None
+    names = {f.name for f in dataclasses.fields(node)}
+    key, rest = path[0], path[1:]
+    if key not in names:
+        raise UserError(f"--set {where}: {key!r} is not a field of {type(node).__name__}; fields: "
+                        f"{', '.join(sorted(names))}")
+    current = getattr(node, key)
+    if rest:
+        if not dataclasses.is_dataclass(current):
+            raise UserError(f"--set {where}: {key} is not a nested config")
+        return dataclasses.replace(node, **{key: _override(current, rest, raw, where)})
+    if dataclasses.is_dataclass(current):
+        raise UserError(f"--set {where}: {key} is a {type(current).__name__}; set one of its fields "
+                        f"(--set {where}.FIELD=VALUE)")
+    return dataclasses.replace(node, **{key: _parse_value(raw)})
+
+
 def apply_overrides(config, overrides: Sequence[str]):
-    """A copy of the dataclass ``config`` with ``key=value`` overrides (JSON values, else strings)."""
+    """A copy of the dataclass ``config`` with ``key=value`` overrides (JSON values, else strings; lists become
+    tuples). Dotted keys set fields of nested configs: ``train.steps=10``, ``train.optim.learning_rate=1e-4``,
+    ``train.objective.loss_params.temperature=2``, ``mesh.fsdp=2``."""
     from proxytune_jax.errors import UserError
 
-    names = {f.name for f in dataclasses.fields(config)}
-    changes: dict[str, Any] = {}
     for item in overrides:
         if "=" not in item:
             raise UserError(f"--set {item!r}: write KEY=VALUE")
         key, value = item.split("=", 1)
-        if key not in names:
-            raise UserError(f"--set {key}: not a field of {type(config).__name__}; fields: {', '.join(sorted(names))}")
-        try:
-            changes[key] = json.loads(value)
-        except json.JSONDecodeError:
-            changes[key] = value
-        if isinstance(changes[key], list):
-            changes[key] = tuple(changes[key])
-        current = getattr(config, key)
-        if isinstance(current, dict) and isinstance(changes[key], dict):  # --set train='{"steps": 10}' merges
-            changes[key] = {**current, **changes[key]}
-    return dataclasses.replace(config, **changes)
+        key = key.strip()
+        config = _override(config, key.split("."), value, key)
+    return config
 
 
 def choose_config(args: argparse.Namespace, config, smoke_config, prefix: str):
@@ -68,6 +97,14 @@ def choose_config(args: argparse.Namespace, config, smoke_config, prefix: str):
     elif args.out:
         config = dataclasses.replace(config, out_dir=args.out)
     return apply_overrides(config, args.set)
+
+
+def config_record(config) -> dict:
+    """A JSON-ready dict of an experiment config (nested ``TrainConfig`` and objectives included, each
+    objective with its ``name``), for the results file."""
+    from proxytune_jax.training.config import to_dict
+
+    return to_dict(config)
 
 
 def make_mesh_or_none(mesh_config):
@@ -358,23 +395,44 @@ def smoke_setup(root: str, *, kinds: Sequence[tuple[str, str, int, int]] = ()) -
     return paths, tok
 
 
-def run_proxytune_train(fields: dict, run_dir: str) -> str:
-    """Write ``fields`` as a ``TrainConfig`` file in ``run_dir`` and run ``proxytune train`` on it (resumable:
-    rerunning continues from the last checkpoint). Returns the exported Hugging Face folder."""
-    from proxytune_jax.cli import main as cli_main
-    from proxytune_jax.errors import UserError
+def smoke_train(*, max_length: int = 128):
+    """The ``TrainConfig`` template of the ``--smoke`` runs: 2 steps of 2 rows on one device, checkpoint and
+    log at every step (``student``, ``train_file`` and the objective are filled in by :func:`run_config`)."""
+    from proxytune_jax.sharding import MeshConfig
+    from proxytune_jax.training import CheckpointConfig, DataConfig, OptimConfig, TrainConfig
 
-    os.makedirs(run_dir, exist_ok=True)
-    config_file = os.path.join(run_dir, "train_config.py")
-    with open(config_file, "w") as f:
-        f.write("from proxytune_jax.training.config import TrainConfig\n\n"
-                f"config = TrainConfig(**{dict(fields)!r})\n")
+    return TrainConfig(data=DataConfig(max_length=max_length, batch_size=2),
+                       optim=OptimConfig(learning_rate=1e-3), mesh=MeshConfig(data=1),
+                       checkpoint=CheckpointConfig(save_every=2), steps=2, log_every=1)
+
+
+def run_config(template, *, student: str, train_file: str, objective=None, seed: int | None = None,
+               eval_file: str | None = None):
+    """``template`` (a ``TrainConfig`` holding an experiment's shared settings: data sizes, optimizer, mesh,
+    checkpoints) completed for one run: the model to train, its data and, when given, its objective and seed."""
+    changes: dict[str, Any] = {
+        "model": dataclasses.replace(template.model, student=student),
+        "data": dataclasses.replace(template.data, train_file=train_file,
+                                    **({} if eval_file is None else {"eval_file": eval_file}))}
+    if objective is not None:
+        changes["objective"] = objective
+    if seed is not None:
+        changes["seed"] = seed
+    return dataclasses.replace(template, **changes)
+
+
+def train_run(config, run_dir: str):
+    """``proxytune_jax.training.train(config, run_dir/workdir)``: the same run as ``proxytune train``, resumable
+    (rerunning continues from the last checkpoint). Returns its ``TrainResult``; its ``export_dir`` is the
+    trained model as a Hugging Face folder."""
+    from proxytune_jax.errors import UserError
+    from proxytune_jax.training import train
+
     workdir = os.path.join(run_dir, "workdir")
-    code = cli_main(["train", "--config", config_file, "--workdir", workdir, "--no-progress"])
-    final = os.path.join(workdir, "final")
-    if code != 0 or not os.path.isdir(final):
-        raise UserError(f"proxytune train failed (exit {code}); see {workdir}")
-    return final
+    result = train(config, workdir, progress=False)
+    if result.export_dir is None or not os.path.isdir(result.export_dir):
+        raise UserError(f"training in {workdir} exported no model (config.export is {config.export})")
+    return result
 
 
 def token_calibration(model_path: str, data_file: str, *, max_length: int, batch_size: int = 8,

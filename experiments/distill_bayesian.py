@@ -7,17 +7,19 @@ CSQA and GSM8K; this recipe runs the GSM8K column with open models (the teacher 
 generated text, as a closed API would be). The paper's numbers are not restated here.
 Loss (``docs/methods.md`` §2.12): ``mean_t [CE_t + α·KL(p̂_t ‖ q_t) + β·KL(E(P|M)_t ‖ q_t)]`` with the
 n-gram prior p̂ of the corpus (window n, blend γ) and the posterior from K proxy samples over an m-point grid;
-``proxytune train`` objective ``bayesian`` (the γ, n, m, K, α, β defaults are ours: the paper's values are
+objective ``proxytune_jax.training.Bayesian`` (the γ, n, m, K, α, β defaults are ours: the paper's values are
 unverified).
 Steps: (1) the teacher answers the GSM8K train questions (greedy, chat prompt) → corpus C of prompt/response
-records; (2) the proxy is fine-tuned on C (``proxytune train`` sft); (3) two students on C: SFT (hard labels
+records; (2) the proxy is fine-tuned on C (``training.train`` with ``SFT``); (3) two students on C: SFT (hard labels
 only, the "traditional" baseline) and Bayesian KD with the tuned proxy; (4) GSM8K test exact match of both.
+Every training run is ``config.train`` (a ``TrainConfig``) completed with its model, data and objective.
 
 Hardware: generating with a 70B teacher and fine-tuning a 13B proxy / 7B student in bf16: 8×80 GB GPUs or a
 TPU v4-64 / v5e-64 slice (each stage runs alone; models are freed between stages).
-Mesh: decoding ``MeshConfig(data=1, fsdp=-1, tensor=1)``; training ``mesh_fsdp=-1``.
+Mesh: decoding ``MeshConfig(data=1, fsdp=-1, tensor=1)``; training ``train.mesh``, the same FSDP layout.
 
     python experiments/distill_bayesian.py --set max_corpus_examples=2000
+    python experiments/distill_bayesian.py --set bayesian.alpha=0.8 --set train.steps=200
     python experiments/distill_bayesian.py --smoke
 """
 from __future__ import annotations
@@ -30,20 +32,22 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from experiments._common import (script_entry, Timer, describe_devices, generate_texts,  # noqa: E402
-                                 load_model_and_tokenizer, make_mesh_or_none, choose_config, parse_args, print_table,
-                                 run_proxytune_train, smoke_setup, write_jsonl, write_results)
+from experiments._common import (script_entry, Timer, config_record, describe_devices,  # noqa: E402
+                                 generate_texts, load_model_and_tokenizer, make_mesh_or_none, choose_config,
+                                 parse_args, print_table, run_config, smoke_setup, smoke_train, train_run,
+                                 write_jsonl, write_results)
 from experiments.configs.distill_bayesian_config import CONFIG, DistillBayesianConfig  # noqa: E402
 
 
 def smoke_config(root: str) -> DistillBayesianConfig:
+    from proxytune_jax.training import Bayesian
+
     paths, _ = smoke_setup(root, kinds=[("teacher", "llama", 48, 0), ("proxy", "llama", 48, 2),
                                         ("student", "llama", 32, 1)])
-    train = dict(max_length=128, batch_size=2, steps=2, learning_rate=1e-3, save_every=2, log_every=1, mesh_data=1)
-    bayes = dict(ngram_n=2, gamma=2.0, posterior_bins=8, posterior_samples=2, alpha=0.5, beta=0.5)
+    bayes = Bayesian(ngram_n=2, gamma=2.0, posterior_bins=8, posterior_samples=2, alpha=0.5, beta=0.5)
     return DistillBayesianConfig(teacher=paths["teacher"], proxy_init=paths["proxy"], student=paths["student"],
                                  train_data=paths["gsm8k_train"], eval_data=paths["gsm8k"], max_corpus_examples=4,
-                                 teacher_max_new_tokens=8, train=train, bayesian=bayes, max_eval_examples=2,
+                                 teacher_max_new_tokens=8, train=smoke_train(), bayesian=bayes, max_eval_examples=2,
                                  eval_max_new_tokens=5, batch_size=2, dtype="float32",
                                  out_dir=os.path.join(root, "results"))
 
@@ -90,6 +94,8 @@ def gsm_exact_match(model_path: str, config: DistillBayesianConfig, mesh, name: 
 
 
 def run(config: DistillBayesianConfig) -> dict:
+    from proxytune_jax.training import SFT
+
     print(f"devices: {describe_devices()}")
     mesh = make_mesh_or_none(config.mesh)
     os.makedirs(config.out_dir, exist_ok=True)
@@ -97,20 +103,20 @@ def run(config: DistillBayesianConfig) -> dict:
         corpus = config.corpus or teacher_corpus(config, mesh)
     with open(corpus) as f:
         corpus_size = sum(1 for line in f if line.strip())
-    results: dict = {"config": dataclasses.asdict(config), "corpus": corpus, "corpus_size": corpus_size,
+    results: dict = {"config": config_record(config), "corpus": corpus, "corpus_size": corpus_size,
                      "corpus_seconds": t.seconds, "runs": {}}
-    base = dict(config.train, train_file=corpus, seed=config.seed)
     with Timer() as t:
-        proxy = run_proxytune_train(dict(base, objective="sft", student=config.proxy_init),
-                                    os.path.join(config.out_dir, "proxy_sft"))
+        proxy_run = run_config(config.train, student=config.proxy_init, train_file=corpus, objective=SFT(),
+                               seed=config.seed)
+        proxy = str(train_run(proxy_run, os.path.join(config.out_dir, "proxy_sft")).export_dir)
     results["proxy"] = {"path": proxy, "train_seconds": t.seconds}
-    students = {"sft": dict(base, objective="sft", student=config.student),
-                "bayesian": dict(base, objective="bayesian", student=config.student, proxy=proxy,
-                                 **config.bayesian)}
+    students = {"sft": SFT(), "bayesian": dataclasses.replace(config.bayesian, proxy=proxy)}
     rows = []
-    for name, fields in students.items():
+    for name, objective in students.items():
+        run = run_config(config.train, student=config.student, train_file=corpus, objective=objective,
+                         seed=config.seed)
         with Timer() as t:
-            final = run_proxytune_train(fields, os.path.join(config.out_dir, f"student_{name}"))
+            final = str(train_run(run, os.path.join(config.out_dir, f"student_{name}")).export_dir)
         score = gsm_exact_match(final, config, mesh, name)
         results["runs"][name] = {**score, "path": final, "train_seconds": t.seconds}
         rows.append({"student": name, "gsm8k_exact_match": score["exact_match"], "train_seconds": t.seconds})

@@ -10,23 +10,24 @@ here (for instance, on CSQA the paper's fine-tuned 7B has an ECE of 21.6% at 28.
 Steps: (1) ``proxytune_jax.training.topk_cache.build_topk_cache`` runs the teacher once over the train and
 eval files (top-k int32 ids + float16 log-probs, memory-mapped shards); (2) ``proxytune_jax.losses.first.
 fit_temperature`` picks τ per mode by minimizing the teacher's held-out NLL over the cached top-k;
-(3) ``proxytune train`` with objective ``offline_topk`` per run (``renormalize`` at τ = 1 as the uncalibrated
-ablation, ``renormalize`` and ``tail_bucket`` at the fitted τ); (4) response-token NLL, accuracy and ECE
+(3) ``proxytune_jax.training.train`` of ``config.train`` with an ``OfflineTopK`` objective per run
+(``renormalize`` at τ = 1 as the uncalibrated ablation, ``renormalize`` and ``tail_bucket`` at the fitted τ); (4) response-token NLL, accuracy and ECE
 (10/15 bins) of the teacher and every student on the eval file, and a reliability diagram PNG; (5) zero-shot
 accuracy and ECE of the class probabilities on ``mc_tasks`` (BoolQ by default: verbalizer "yes"/"no" of
 ``proxytune_jax.data.glue``), the paper's reliability measure.
 
 Hardware: caching a 13B teacher and fine-tuning a 7B student in bf16: 8×80 GB GPUs or a TPU v4-32 / v5e-32
 (the teacher is not needed during training: only the cache is read).
-Mesh: training ``mesh_fsdp=-1`` (params, moments, batch FSDP-sharded); the cache pass runs the teacher jitted
+Mesh: training ``train.mesh = MeshConfig(data=1, fsdp=-1, tensor=1)`` (params, moments, batch FSDP-sharded);
+the cache pass runs the teacher jitted
 on the default device placement.
 
     python experiments/distill_first.py
+    python experiments/distill_first.py --set train.steps=500 --set k=10
     python experiments/distill_first.py --smoke
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import sys
@@ -36,9 +37,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from experiments._common import (script_entry, Timer, describe_devices, encode_classification,  # noqa: E402
-                                 choose_config, parse_args, predict_class_logits, print_table, run_proxytune_train, smoke_setup,
-                                 token_calibration, write_jsonl, write_results)
+from experiments._common import (script_entry, Timer, config_record, describe_devices,  # noqa: E402
+                                 encode_classification, choose_config, parse_args, predict_class_logits, print_table,
+                                 run_config, smoke_setup, smoke_train, token_calibration, train_run, write_jsonl,
+                                 write_results)
 from experiments.configs.distill_first_config import CONFIG, DistillFirstConfig  # noqa: E402
 
 
@@ -47,10 +49,9 @@ def smoke_config(root: str) -> DistillFirstConfig:
     rows = [{"instruction": "Name three colors .", "context": "", "response": "Red , blue and green ."},
             {"instruction": "Say hello in French .", "context": "", "response": "Bonjour ."}]
     data = write_jsonl(os.path.join(root, "data", "dolly", "train.jsonl"), rows * 2)
-    train = dict(max_length=128, batch_size=2, steps=2, learning_rate=1e-3, save_every=2, log_every=1, mesh_data=1)
     return DistillFirstConfig(teacher=paths["teacher"], student=paths["student"], train_data=data, eval_data=data,
                               runs=(("renormalize_tau1", "renormalize", False), ("tail_bucket", "tail_bucket", True)),
-                              train=train, mc_tasks=(("boolq", paths["boolq"]),), cache_batch_size=2,
+                              train=smoke_train(), mc_tasks=(("boolq", paths["boolq"]),), cache_batch_size=2,
                               eval_batch_size=2,
                               out_dir=os.path.join(root, "results"))
 
@@ -95,6 +96,7 @@ def run(config: DistillFirstConfig) -> dict:
     from proxytune_jax.data import dolly
     from proxytune_jax.eval.calibration import plot_reliability_diagram
     from proxytune_jax.losses.first import TopKCache, fit_temperature
+    from proxytune_jax.training import OfflineTopK
     from proxytune_jax.training.topk_cache import build_topk_cache
     from transformers import AutoTokenizer
 
@@ -103,7 +105,7 @@ def run(config: DistillFirstConfig) -> dict:
     train_file = write_jsonl(os.path.join(config.out_dir, "train.jsonl"), dolly.sft_records(config.train_data))
     eval_file = write_jsonl(os.path.join(config.out_dir, "eval.jsonl"),
                             dolly.sft_records(config.eval_data, max_examples=config.max_eval_examples))
-    max_length = int(config.train["max_length"])
+    max_length = config.train.data.max_length
     caches = {}
     with Timer() as t:
         for name, path in (("train", train_file), ("eval", eval_file)):
@@ -113,7 +115,7 @@ def run(config: DistillFirstConfig) -> dict:
                                  max_length=max_length)
             caches[name] = out
     train_cache = TopKCache(caches["train"])
-    results: dict = {"config": dataclasses.asdict(config), "cache_seconds": t.seconds,
+    results: dict = {"config": config_record(config), "cache_seconds": t.seconds,
                      "cache": {"k": train_cache.k, "num_sequences": len(train_cache),
                                "bytes": sum(f.stat().st_size for f in Path(caches["train"]).iterdir())},
                      "runs": {}}
@@ -127,13 +129,15 @@ def run(config: DistillFirstConfig) -> dict:
     rows = [{"model": "teacher", "tau": None, **{k: teacher_cal[k] for k in ("nll", "accuracy", "ece10", "ece15")}}]
     for name, mode, calibrate in config.runs:
         tau = fit_temperature(held, targets, mode=mode, vocab_size=vocab) if calibrate else 1.0
-        fields = dict(config.train, objective="offline_topk", student=config.student, train_file=train_file,
-                      topk_cache=caches["train"], topk_mode=mode, temperature=float(tau), seed=config.seed)
+        objective = OfflineTopK(topk_cache=caches["train"], mode=mode, temperature=float(tau))
+        run = run_config(config.train, student=config.student, train_file=train_file, objective=objective,
+                         seed=config.seed)
         with Timer() as t:
-            final = run_proxytune_train(fields, os.path.join(config.out_dir, name))
+            trained = train_run(run, os.path.join(config.out_dir, name))
+        final = str(trained.export_dir)
         cal = token_calibration(final, eval_file, max_length=max_length, batch_size=config.eval_batch_size)
         curves[name] = cal.pop("_curve")
-        with open(os.path.join(config.out_dir, name, "workdir", "metrics.jsonl")) as f:
+        with open(trained.workdir / "metrics.jsonl") as f:  # the file, not last_metrics: a resumed run too
             last = [line for line in f if line.strip()][-1]
         results["runs"][name] = {**cal, "path": final, "mode": mode, "temperature": tau, "train_seconds": t.seconds,
                                  "final_loss": json.loads(last).get("loss", float("nan"))}

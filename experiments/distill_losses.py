@@ -5,30 +5,33 @@ KL/RKL) in their instruction-following setting: GPT-2 XL teacher → GPT-2 stude
 ROUGE-L of greedy responses on held-out Dolly prompts (the "Dolly" column of their main results tables; the
 numbers are not restated here). The other divergences of ``docs/methods.md`` §2 run in the same setting:
 generalized JSD (GKD, Agarwal et al. 2024), adaptive KL (Wu et al. 2024), ULD (Boizard et al. 2024), JS, TVD.
-Here every loss is trained on the *teacher's distribution over the dataset's responses* (``proxytune train``
-objective ``online_distillation``; the papers' on-policy / student-generated variants are out of scope), so
-the losses are compared under one data regime.
-Per loss: a ``TrainConfig`` file is written and run with ``proxytune train`` (resumable), the exported student is
-decoded greedily on the eval prompts (``proxytune_jax.data.dolly`` prompt) and scored with
-``proxytune_jax.eval.rouge``. The teacher and the initial student are scored as references.
+Here every loss is trained on the *teacher's distribution over the dataset's responses* (objective
+``proxytune_jax.training.OnlineDistillation``: the teacher runs inside the step; the papers' on-policy /
+student-generated variants are out of scope), so the losses are compared under one data regime.
+Per loss: ``config.train`` (a ``TrainConfig``) with ``OnlineDistillation(teacher, loss, loss_params)`` is run with
+``proxytune_jax.training.train`` (resumable), the exported student is decoded greedily on the eval prompts
+(``proxytune_jax.data.dolly`` prompt) and scored with ``proxytune_jax.eval.rouge``. The teacher and the initial
+student are scored as references.
 
 Hardware: GPT-2 XL teacher (fp32 6 GB) + GPT-2 student training: one 24-80 GB GPU or a TPU v4-8 / v5e-8.
-Mesh: training ``mesh_data=-1`` (data parallel, params replicated); decoding ``MeshConfig(data=-1)``.
+Mesh: training ``train.mesh = MeshConfig(data=-1)`` (data parallel, params replicated); decoding
+``MeshConfig(data=-1)``.
 
     python experiments/distill_losses.py --set 'losses=[["reverse_kl", []]]'
+    python experiments/distill_losses.py --set 'losses=[["forward_kl", [["temperature", 2.0]]]]' --set ce_weight=0.5
     python experiments/distill_losses.py --smoke
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from experiments._common import (script_entry, Timer, describe_devices, generate_texts,  # noqa: E402
-                                 load_model_and_tokenizer, make_mesh_or_none, choose_config, parse_args, print_table, smoke_setup,
+from experiments._common import (script_entry, Timer, config_record, describe_devices,  # noqa: E402
+                                 generate_texts, load_model_and_tokenizer, make_mesh_or_none, choose_config,
+                                 parse_args, print_table, run_config, smoke_setup, smoke_train, train_run,
                                  write_jsonl, write_results)
 from experiments.configs.distill_losses_config import CONFIG, DistillLossesConfig  # noqa: E402
 
@@ -39,30 +42,23 @@ def smoke_config(root: str) -> DistillLossesConfig:
              "category": "open_qa"},
             {"instruction": "Say hello in French .", "context": "", "response": "Bonjour .", "category": "open_qa"}]
     data = write_jsonl(os.path.join(root, "data", "dolly", "train.jsonl"), rows * 2)
-    train = dict(max_length=128, batch_size=2, steps=2, learning_rate=1e-3, save_every=2, log_every=1, mesh_data=1)
     return DistillLossesConfig(teacher=paths["teacher"], student=paths["student"], train_data=data, eval_data=data,
-                               losses=(("forward_kl", ()), ("skew_reverse_kl", (("alpha", 0.1),))), train=train,
+                               losses=(("forward_kl", ()), ("skew_reverse_kl", (("alpha", 0.1),))),
+                               train=smoke_train(),
                                max_eval_examples=2, max_new_tokens=4, batch_size=2,
                                out_dir=os.path.join(root, "results"))
 
 
-def train_student(config: DistillLossesConfig, loss: str, kwargs: dict, train_file: str) -> str:
-    from proxytune_jax.cli import main as cli_main
-    from proxytune_jax.errors import UserError
+def train_student(config: DistillLossesConfig, loss: str, loss_params: dict, train_file: str) -> str:
+    """Online distillation of the student with ``loss`` (``loss_params`` over its defaults); -> the exported
+    student folder."""
+    from proxytune_jax.training import OnlineDistillation
 
-    run_dir = os.path.join(config.out_dir, loss)
-    fields = dict(config.train, objective="online_distillation", student=config.student, teacher=config.teacher,
-                  train_file=train_file, loss=loss, loss_kwargs=dict(kwargs), seed=config.seed)
-    config_file = os.path.join(run_dir, "train_config.py")
-    os.makedirs(run_dir, exist_ok=True)
-    with open(config_file, "w") as f:
-        f.write("from proxytune_jax.training.config import TrainConfig\n\n"
-                f"config = TrainConfig(**{fields!r})\n")
-    workdir = os.path.join(run_dir, "workdir")
-    code = cli_main(["train", "--config", config_file, "--workdir", workdir, "--no-progress"])
-    if code != 0 or not os.path.isdir(os.path.join(workdir, "final")):
-        raise UserError(f"proxytune train failed for loss {loss} (exit {code}); see {workdir}")
-    return os.path.join(workdir, "final")
+    objective = OnlineDistillation(teacher=config.teacher, loss=loss, loss_params=dict(loss_params),
+                                   kd_weight=config.kd_weight, ce_weight=config.ce_weight)
+    run = run_config(config.train, student=config.student, train_file=train_file, objective=objective,
+                     seed=config.seed)
+    return str(train_run(run, os.path.join(config.out_dir, loss)).export_dir)
 
 
 def run(config: DistillLossesConfig) -> dict:
@@ -87,13 +83,13 @@ def run(config: DistillLossesConfig) -> dict:
         gc.collect()
         return {**dolly.score_rouge_l(examples, outs), "decode_seconds": t.seconds, "sample": outs[:2]}
 
-    results: dict = {"config": dataclasses.asdict(config), "runs": {}}
+    results: dict = {"config": config_record(config), "runs": {}}
     results["runs"]["teacher"] = score(config.teacher, "teacher")
     results["runs"]["student_init"] = score(config.student, "student_init")
-    for loss, kwargs in config.losses:
+    for loss, params in config.losses:
         with Timer() as t:
-            final = train_student(config, loss, dict(kwargs), train_file)
-        results["runs"][loss] = {**score(final, loss), "train_seconds": t.seconds, "loss_kwargs": dict(kwargs)}
+            final = train_student(config, loss, dict(params), train_file)
+        results["runs"][loss] = {**score(final, loss), "train_seconds": t.seconds, "loss_params": dict(params)}
     rows = [{"run": k, "rougeL": 100 * v["rougeL"]} for k, v in results["runs"].items()]
     print_table(rows, title=f"Dolly ROUGE-L (x100), n={len(examples)}")
     print("results:", write_results(config.out_dir, "distill_losses", results))

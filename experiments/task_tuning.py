@@ -1,23 +1,25 @@
-"""Task tuning by proxy: fine-tune Llama-2-7B on GSM8K (or TriviaQA) with ``proxytune train``, then proxy-tune
-Llama-2-13B and -70B with the tuned 7B as expert and the untuned 7B as anti-expert.
+"""Task tuning by proxy: fine-tune Llama-2-7B on GSM8K (or TriviaQA) with ``proxytune_jax.training.train``,
+then proxy-tune Llama-2-13B and -70B with the tuned 7B as expert and the untuned 7B as anti-expert.
 
 Reproduces: Liu et al. 2024 (arXiv 2401.08565), task-finetuning results (GSM and TriviaQA, 13B and 70B
 bases; the tuned 7B expert alone and the base alone as references). The paper's numbers for this
 table are not restated here; compare the printed accuracies with it.
 Steps: (1) ``proxytune_jax.data.gsm8k.sft_records`` writes GSM8K train as prompt/response JSONL (the zero-shot
 prompt ``Answer the following question. … Answer:`` and the worked solution ending in ``#### N``);
-(2) a ``TrainConfig`` file is written and run with ``proxytune train`` (full fine-tuning, resumable: rerun the
-script to continue); (3) for every base: base alone, proxy-tuned, and the expert alone, all with the plain
-prompt (task experts have no chat template); exact match per ``proxytune_jax.data.TASKS``.
+(2) the config's ``train`` (a ``TrainConfig``: objective ``SFT``, full fine-tuning) is completed with the
+student and that file and run with ``proxytune_jax.training.train`` (resumable: rerun the script to continue);
+(3) for every base: base alone, proxy-tuned, and the expert alone, all with the plain prompt (task experts have
+no chat template); exact match per ``proxytune_jax.data.TASKS``.
 
 Hardware: training the 7B (bf16 params + AdamW moments ≈ 42 GB + activations): 8×80 GB GPUs or a TPU v4-32 /
 v5e-32 with FSDP; decoding with the 70B base: ≥ 4×80 GB GPUs or a TPU v4-32.
-Mesh: training ``mesh_fsdp=-1`` (params, moments and batch FSDP-sharded over all devices); decoding
-``MeshConfig(data=1, fsdp=-1, tensor=1)``.
+Mesh: training ``train.mesh = MeshConfig(data=1, fsdp=-1, tensor=1)`` (params, moments and batch FSDP-sharded
+over all devices); decoding ``MeshConfig(data=1, fsdp=-1, tensor=1)``.
 
     python experiments/task_tuning.py                          # GSM8K
     python experiments/task_tuning.py --set task=triviaqa --set train_data=data/triviaqa/train.jsonl \\
         --set eval_data=data/triviaqa/dev.jsonl
+    python experiments/task_tuning.py --set train.steps=100 --set train.optim.learning_rate=1e-5
     python experiments/task_tuning.py --smoke
 """
 from __future__ import annotations
@@ -31,16 +33,17 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from experiments._common import (Timer, choose_config, describe_devices, generate_texts,  # noqa: E402
-                                 load_model_and_tokenizer, load_task_examples, make_mesh_or_none, parse_args,
-                                 print_table, run_proxytune_train, script_entry, smoke_setup, write_jsonl,
-                                 write_results)
+                                 config_record, load_model_and_tokenizer, load_task_examples, make_mesh_or_none,
+                                 parse_args, print_table, run_config, script_entry, smoke_setup, smoke_train,
+                                 train_run, write_jsonl, write_results)
 from experiments.configs.task_tuning_config import CONFIG, TaskTuningConfig  # noqa: E402
 
 
 def smoke_config(root: str) -> TaskTuningConfig:
+    from proxytune_jax.training import SFT
+
     paths, _ = smoke_setup(root, kinds=[("small", "llama", 32, 1), ("base", "llama", 48, 0)])
-    train = dict(objective="sft", max_length=64, batch_size=2, steps=2, learning_rate=1e-3, save_every=2,
-                 log_every=1, mesh_data=1)
+    train = dataclasses.replace(smoke_train(max_length=64), objective=SFT())
     return TaskTuningConfig(train_data=paths["gsm8k_train"], eval_data=paths["gsm8k"], small_base=paths["small"],
                             bases=(("tiny", paths["base"]),), train=train, max_examples=2, max_new_tokens=5,
                             batch_size=2, dtype="float32", out_dir=os.path.join(root, "results"))
@@ -57,10 +60,11 @@ def sft_records(config: TaskTuningConfig) -> list[dict]:
 
 
 def train_expert(config: TaskTuningConfig) -> str:
-    """Write the SFT data and a TrainConfig file, run ``proxytune train``; -> the exported expert folder."""
+    """Write the SFT data and train the expert on it (``config.train``); -> the exported expert folder."""
     run_dir = os.path.join(config.out_dir, f"expert_{config.task}")
     train_file = write_jsonl(os.path.join(run_dir, "train.jsonl"), sft_records(config))
-    return run_proxytune_train(dict(config.train, student=config.small_base, train_file=train_file), run_dir)
+    run = run_config(config.train, student=config.small_base, train_file=train_file, seed=config.seed)
+    return str(train_run(run, run_dir).export_dir)
 
 
 def run(config: TaskTuningConfig) -> dict:
@@ -70,7 +74,7 @@ def run(config: TaskTuningConfig) -> dict:
     print(f"devices: {describe_devices()}")
     with Timer() as t_train:
         expert_path = config.expert or train_expert(config)
-    results: dict = {"config": dataclasses.asdict(config), "expert": expert_path,
+    results: dict = {"config": config_record(config), "expert": expert_path,
                      "train_seconds": t_train.seconds, "bases": {}}
     mesh = make_mesh_or_none(config.mesh)
     expert, tok_e = load_model_and_tokenizer(expert_path, config.dtype, mesh)

@@ -135,38 +135,55 @@ SFT on the gold answers is the baseline. We report held-out question accuracy (g
 response-token NLL and the calibration (ECE, reliability diagram) under teacher forcing."""
 
 D_SETUP = '''\
+import dataclasses
+from typing import ClassVar
+
 import jax.numpy as jnp
-from flax import nnx
 
 from proxytune_jax.losses.first import topk_from_logits, topk_kl
 from proxytune_jax.toyworld.data import encode_instructions
 from proxytune_jax.toyworld.evaluate import generate
-from proxytune_jax.toyworld.train import fit
-from proxytune_jax.training.objectives import (model_logits, online_distillation_objective, sft_objective, shifted,
-                                               token_cross_entropy)
+from proxytune_jax.training import SFT, Objective, OnlineDistillation, OptimConfig, fit
+from proxytune_jax.training.objectives import model_logits, shifted, token_cross_entropy
 from proxytune_jax.training.state import split_params
 
 teacher = models["tuned-large"]
-t_graph, t_params = split_params(teacher)
 train_data = encode_instructions(tok, tw.world.tune)
 heldout_data = encode_instructions(tok, tw.world.heldout)
 steps = 10 if SIZE == "tiny" else 150
-fit_cfg = FitConfig(steps=steps, batch_size=16 if SIZE == "tiny" else 32, learning_rate=1e-3,
-                    warmup_steps=max(1, steps // 10))
+batch_size = 16 if SIZE == "tiny" else 32
+optim = OptimConfig(learning_rate=1e-3, warmup_steps=max(1, steps // 10),
+                    weight_decay=0.0)
 
 
-def first_top5_objective(s_graph, t_graph, k=5, temperature=1.0):
-    """FIRST with the teacher's top-k computed on the fly (experiments/distill_first.py caches it on disk)."""
-    def loss_fn(params, frozen, batch, rng, extras):
-        labels, mask = shifted(batch)
-        student = model_logits(s_graph, params, batch)
-        t = topk_from_logits(jax.lax.stop_gradient(model_logits(t_graph, frozen["teacher"], batch)), k)
-        kd = topk_kl(student, t, mask, temperature=temperature, mode="renormalize")
-        ce = token_cross_entropy(student, labels, mask)
-        return kd, {"loss": kd, "topk_kl": kd, "ce": ce, "tokens": jnp.sum(mask, dtype=jnp.int32)}
-    return loss_fn
+@dataclasses.dataclass(frozen=True)
+class FirstOnTheFly(Objective):
+    """FIRST with the teacher's top-k computed inside the step (experiments/distill_first.py caches it on disk
+    and trains with the library's OfflineTopK). A new objective: a frozen dataclass with a loss_fn."""
+
+    name: ClassVar[str] = "first_on_the_fly"
+    teacher: str = "tuned-large"
+    k: int = 5
+    temperature: float = 1.0
+
+    def frozen_models(self):
+        return {"teacher": self.teacher}
+
+    def loss_fn(self, student_graph, frozen_graphs):
+        t_graph, k, tau = frozen_graphs["teacher"], self.k, self.temperature
+
+        def loss_fn(params, frozen, batch, rng, state):
+            labels, mask = shifted(batch)
+            student = model_logits(student_graph, params, batch)
+            t = topk_from_logits(jax.lax.stop_gradient(model_logits(t_graph, frozen["teacher"], batch)), k)
+            kd = topk_kl(student, t, mask, temperature=tau, mode="renormalize")
+            ce = token_cross_entropy(student, labels, mask)
+            return kd, {"loss": kd, "topk_kl": kd, "ce": ce, "tokens": jnp.sum(mask, dtype=jnp.int32)}
+
+        return loss_fn
 
 
+# loss name -> loss_params (a hyperparameter not given keeps the loss's own default: temperature 1 here)
 LOSSES = {"forward_kl": {}, "reverse_kl": {}, "js_divergence": {}, "tv_distance": {},
           "skew_forward_kl": {"alpha": 0.1}, "generalized_jsd": {"beta": 0.5}, "adaptive_kl": {"mu": 0.5}}
 if SIZE == "tiny":
@@ -174,17 +191,17 @@ if SIZE == "tiny":
 print(f"{len(train_data['input_ids'])} training rows, {steps} steps per loss")'''
 
 D_TRAIN = '''\
+# Every run is training.fit: the library's train step and optimizer on in-memory arrays, with an objective.
+objectives = {"sft (gold answers)": SFT(), "first top-5": FirstOnTheFly(teacher="tuned-large")}
+for name, params in LOSSES.items():
+    objectives[name] = OnlineDistillation(teacher="tuned-large", loss=name, loss_params=params)
 students, curves = {}, {}
-s_graph, _ = split_params(models["base-small"])
-objectives = {"sft (gold answers)": (sft_objective(s_graph), None),
-              "first top-5": (first_top5_objective(s_graph, t_graph), {"teacher": t_params})}
-for name, kwargs in LOSSES.items():
-    objectives[name] = (online_distillation_objective(s_graph, t_graph, loss=name, loss_kwargs=kwargs),
-                        {"teacher": t_params})
-for name, (loss_fn, frozen) in objectives.items():
+for name, objective in objectives.items():
     t0 = time.perf_counter()
-    init = load_pretrained(tw.model_path("base-small"))  # a fresh copy per run: training donates its buffers
-    students[name], curves[name] = fit(init, train_data, loss_fn, fit_cfg, frozen=frozen, desc=name)
+    frozen = {"teacher": teacher} if objective.frozen_models() else None  # the frozen teacher, by its role
+    result = fit(models["base-small"], train_data, objective, steps=steps, batch_size=batch_size, optim=optim,
+                 frozen_models=frozen, desc=name)  # trains a copy: models["base-small"] is left as it is
+    students[name], curves[name] = result.model, result.metrics["loss"][0]
     print(f"{name:22s} final loss {curves[name][-1]:.4f}  ({time.perf_counter() - t0:.1f}s)")
 
 fig, ax = plt.subplots(figsize=(6, 3.5))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Iterator
 
@@ -26,3 +27,24 @@ def iter_jsonl(path: str | Path, *, what: str, example: str) -> Iterator[tuple[i
             except json.JSONDecodeError as err:
                 raise UserError(f"{path}:{lineno}: not valid JSON ({err.msg} at column {err.colno}); each line "
                                 f"must be one JSON value like {example}") from None
+
+
+def write_text_atomic(path, text: str) -> None:
+    """Write ``text`` to ``path`` so that a crash leaves the old file or the new one, never a part: a temporary
+    file beside it, flushed and fsynced, then renamed over ``path``."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_json_atomic(path, obj, *, indent: int = 2) -> None:
+    """``json.dumps(obj)`` written with ``write_text_atomic``."""
+    write_text_atomic(path, json.dumps(obj, indent=indent) + "\n")

@@ -157,3 +157,18 @@ def torch_lm():
         return loaded[str(path)]
 
     return load
+
+
+@pytest.fixture(scope="session")
+def toyworld_default(tmp_path_factory):
+    """The demo's toy world for world seed 0 (``commands.demo.configs(False, 0)``), built once per test session
+    into a cache shared by the pytest-xdist workers (a file lock: one worker builds, the others wait and load)."""
+    from filelock import FileLock
+
+    from proxytune_jax.commands.demo import configs
+    from proxytune_jax.toyworld.build import build_toyworld
+
+    root = tmp_path_factory.getbasetemp().parent / "toyworld_default"
+    root.mkdir(exist_ok=True)
+    with FileLock(str(root / ".lock")):
+        return build_toyworld(configs(False, 0).toyworld, root / "cache", progress=False, log=lambda *_: None)

@@ -130,7 +130,8 @@ CHILD = textwrap.dedent(r'''
     from proxytune_jax.training.config import TrainConfig
     from proxytune_jax.training.loop import train
 
-    cfg = TrainConfig(**json.loads(sys.argv[1]))
+    from proxytune_jax.training.config import from_dict
+    cfg = from_dict(json.loads(sys.argv[1]))
     workdir, mode, at = sys.argv[2], sys.argv[3], int(sys.argv[4])
 
     def hook(step, metrics, ckpt):
@@ -155,10 +156,14 @@ def kill_setup(tiny_checkpoint, tmp_path_factory):
     data = work / "train.jsonl"
     rows = [{"prompt": f"q: {a} plus {b}?", "response": f" a: {a + b}"} for a in range(6) for b in range(6)]
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    cfg = TrainConfig(objective="online_distillation", student=str(tiny_checkpoint("llama", seed=1)),
-                      teacher=str(tiny_checkpoint("llama", seed=2, hidden_size=64, intermediate_size=96)),
-                      train_file=str(data), max_length=20, batch_size=4, steps=STEPS, learning_rate=5e-3,
-                      warmup_steps=2, ce_weight=0.1, save_every=SAVE_EVERY, keep_checkpoints=2, log_every=1,
+    from proxytune_jax.training import CheckpointConfig, DataConfig, ModelConfig, OnlineDistillation, OptimConfig
+    cfg = TrainConfig(model=ModelConfig(student=str(tiny_checkpoint("llama", seed=1))),
+                      objective=OnlineDistillation(
+                          teacher=str(tiny_checkpoint("llama", seed=2, hidden_size=64, intermediate_size=96)),
+                          ce_weight=0.1),
+                      data=DataConfig(train_file=str(data), max_length=20, batch_size=4), steps=STEPS,
+                      optim=OptimConfig(learning_rate=5e-3, warmup_steps=2),
+                      checkpoint=CheckpointConfig(save_every=SAVE_EVERY, keep=2), log_every=1,
                       steps_per_call=2)  # calls of 2 steps and single steps before each save
     script = work / "child.py"
     script.write_text(CHILD)
@@ -181,10 +186,10 @@ def test_killed_runs_resume_to_the_bit_identical_result(kill_setup, compilation_
     save_kill = 3 * SAVE_EVERY
     env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=compilation_cache)
     children = {
-        "random": subprocess.Popen([sys.executable, str(script), json.dumps(dataclasses.asdict(cfg)),
+        "random": subprocess.Popen([sys.executable, str(script), json.dumps(cfg.to_dict()),
                                     str(work / "random"), "step", str(kill_at)], env=env,
                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True),
-        "save": subprocess.Popen([sys.executable, str(script), json.dumps(dataclasses.asdict(cfg)),
+        "save": subprocess.Popen([sys.executable, str(script), json.dumps(cfg.to_dict()),
                                   str(work / "save"), "save", str(save_kill)], env=env,
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True),
     }

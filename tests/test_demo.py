@@ -7,8 +7,8 @@ import pytest
 from proxytune_jax import cli
 
 MODELS = ("base-small", "base-large", "tuned-small", "proxy-tuned-large", "tuned-large")
-METHODS = ("sft", "forward_kl", "reverse_kl", "js", "tvd", "generalized_jsd", "sinkd", "first_top5", "first_top5_tail",
-           "bayesian")
+METHODS = ("sft_gold", "seq_kd", "word_kd", "reverse_kl", "js", "tvd", "generalized_jsd", "sinkd", "first_top5",
+           "first_top5_tau1", "bayesian")
 
 
 @pytest.fixture(scope="module")
@@ -46,15 +46,17 @@ def test_demo_quick_writes_complete_results(demo_run):
     assert pt["alpha_sweep"]["1.0"] == acc["proxy-tuned-large"]  # the α = 1 point is the table's run
     assert len(r["examples"]) == 2 and all(set(MODELS[1:]) <= set(ex) for ex in r["examples"])
     d = r["distillation"]
-    assert set(d["methods"]) == set(METHODS)
-    for key in ("first_teacher_temperature", "first_tail_teacher_temperature"):
-        assert math.isfinite(d[key]) and d[key] > 0
+    assert set(d["methods"]) == set(METHODS) and d["primary_comparison"] == ["word_kd", "sft_gold"]
+    assert math.isfinite(d["teacher"]["first_temperature"]) and d["teacher"]["first_temperature"] > 0
     for method, entry in d["methods"].items():
-        assert _unit(entry["accuracy"]["mean"]), method
+        for key in ("accuracy", "agreement", "fact_recall", "ece"):
+            assert _unit(entry[key]["mean"]) and entry[key]["std"] >= 0, (method, key)
+            lo, hi = entry[key]["ci95"]
+            assert 0 <= lo <= hi <= 1, (method, key)
         assert math.isfinite(entry["nll"]["mean"]) and entry["nll"]["mean"] > 0, method
-        for key in ("ece10", "ece15"):
-            assert _unit(entry[key]["mean"]) and entry[key]["std"] >= 0, method
-        assert set(entry["per_seed"]) == {"0"}
+        assert len(entry["accuracy"]["per_seed"]) == 1
+        assert entry["objective"]["name"] in ("sft", "offline_logits", "offline_topk", "bayesian")
+    assert set(d["differences"]) >= {"word_kd - sft_gold", "seq_kd - sft_gold", "word_kd - seq_kd"}
     assert r["timings"]["toyworld_cached"] is False
 
 
@@ -73,16 +75,17 @@ def test_second_build_reuses_the_cache(demo_run):
 
 @pytest.mark.slow
 def test_second_run_reuses_the_distillation_table(demo_run, tmp_path):
-    """A second run reads the cached students' scores (same numbers); a table folder without its manifest
-    (an interrupted run) is not trusted."""
+    """A second run reads the cached students' scores (same numbers): the table folder's table.json is
+    written last (atomically), so a folder without it (an interrupted run) is redone."""
     _, out, cache = demo_run
     first = json.loads((out / "results.json").read_text())
     assert first["distillation"]["cached"] is False
-    tables = list(cache.glob("*/distill/*/manifest.json"))
+    tables = list(cache.glob("*/distill/*/table.json"))
     assert len(tables) == 1
     code = cli.main(["demo", "--quick", "--out", str(tmp_path), "--cache-dir", str(cache), "--no-progress"])
     assert code == 0
     again = json.loads((tmp_path / "results.json").read_text())
     assert again["timings"]["toyworld_cached"] is True and again["distillation"]["cached"] is True
     assert again["distillation"]["methods"] == first["distillation"]["methods"]
+    assert again["distillation"]["differences"] == first["distillation"]["differences"]
     assert again["proxy_tuning"] == first["proxy_tuning"]  # decoding is deterministic (greedy)

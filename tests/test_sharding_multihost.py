@@ -25,7 +25,8 @@ CHILD = textwrap.dedent(r'''
     from proxytune_jax.training.loop import train
 
     losses = []
-    res = train(TrainConfig(**json.loads(cfg_json)), workdir, progress=False, return_state=True,
+    from proxytune_jax.training.config import from_dict
+    res = train(from_dict(json.loads(cfg_json)), workdir, progress=False, return_state=True,
                 on_step=lambda step, m, ck: losses.append(m["loss"]))
     digest = hashlib.sha256(b"".join(to_host(x).tobytes() for x in jax.tree.leaves(res.state.params)))
     print("RESULT " + json.dumps({"pid": pid, "process_count": jax.process_count(),
@@ -47,15 +48,17 @@ def test_two_processes_train_in_lock_step(tiny_checkpoint, tmp_path):
     data = tmp_path / "train.jsonl"
     rows = [{"prompt": f"q: {a} plus {b}?", "response": f" a: {a + b}"} for a in range(5) for b in range(5)]
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    cfg = TrainConfig(objective="sft", student=str(tiny_checkpoint("llama", seed=1)), train_file=str(data),
-                      max_length=20, batch_size=4, steps=8, learning_rate=1e-2, save_every=4, log_every=1)
+    from proxytune_jax.training import CheckpointConfig, DataConfig, ModelConfig, OptimConfig
+    cfg = TrainConfig(model=ModelConfig(student=str(tiny_checkpoint("llama", seed=1))),
+                      data=DataConfig(train_file=str(data), max_length=20, batch_size=4), steps=8,
+                      optim=OptimConfig(learning_rate=1e-2), checkpoint=CheckpointConfig(save_every=4), log_every=1)
     script = tmp_path / "child.py"
     script.write_text(CHILD)
     port = _free_port()
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     env.pop("XLA_FLAGS", None)
     procs = [subprocess.Popen([sys.executable, str(script), str(pid), str(port),
-                               json.dumps(dataclasses.asdict(cfg)), str(tmp_path / "run")],
+                               json.dumps(cfg.to_dict()), str(tmp_path / "run")],
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for pid in (0, 1)]
     # the same run on one process while they work

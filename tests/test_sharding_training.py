@@ -24,7 +24,7 @@ SCRIPT = textwrap.dedent(r'''
     from proxytune_jax.models import partition_rules
     from proxytune_jax.sharding import MeshConfig, make_mesh, put_global_batch, shard_tree
     from proxytune_jax.training.data import load_batches
-    from proxytune_jax.training.objectives import online_distillation_objective
+    from proxytune_jax.training.objectives import OnlineDistillation
     from proxytune_jax.training.optim import OptimConfig, make_optimizer
     from proxytune_jax.training.state import abstract_train_state, init_train_state, split_params
     from proxytune_jax.training.step import make_train_step
@@ -38,7 +38,7 @@ SCRIPT = textwrap.dedent(r'''
     tg, tparams = split_params(teacher)
     rules, trules = partition_rules(student.config), partition_rules(teacher.config)
     opt = make_optimizer(OptimConfig(learning_rate=1e-2, warmup_steps=3, total_steps=30))
-    objective = online_distillation_objective(g, tg, loss="forward_kl", ce_weight=0.1)
+    objective = OnlineDistillation(teacher="t", loss="forward_kl", ce_weight=0.1).loss_fn(g, {"teacher": tg})
     abstract_params = jax.eval_shape(lambda p: p, params)
 
     steppers = {}

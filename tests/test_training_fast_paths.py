@@ -270,7 +270,7 @@ def test_cpu_train_step_splits_its_temporaries_into_small_heaps_and_computes_the
     from flax import nnx
     from proxytune_jax.models import partition_rules
     from proxytune_jax.sharding import MeshConfig, make_mesh, put_global_batch
-    from proxytune_jax.training.objectives import sft_objective
+    from proxytune_jax.training.objectives import SFT
     from proxytune_jax.training.optim import OptimConfig, make_optimizer
     from proxytune_jax.training.state import init_train_state, train_state_shardings
     from proxytune_jax.training.step import make_train_step
@@ -289,7 +289,7 @@ def test_cpu_train_step_splits_its_temporaries_into_small_heaps_and_computes_the
     rules = partition_rules(config)
     states = [init_train_state(params, opt, rules=rules, mesh=mesh) for _ in range(2)]
     sh = train_state_shardings(states[0], rules, mesh)
-    step = make_train_step(sft_objective(graphdef), opt, mesh, state_shardings=sh)
+    step = make_train_step(SFT().loss_fn(graphdef, {}), opt, mesh, state_shardings=sh)
     device_batch = put_global_batch(batch, mesh)
     ours = _temp_heaps(step.jitted.lower({}, states[0], device_batch).compile())
     plain_jit = jax.jit(step.fn)

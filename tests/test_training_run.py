@@ -82,7 +82,7 @@ def test_distillation_lowers_held_out_loss_and_writes_the_workdir(run_setup, cap
     from proxytune_jax.training.state import abstract_train_state, split_params
     _, params = split_params(model)
     mesh = make_mesh(MeshConfig())
-    abstract = abstract_train_state(jax.eval_shape(lambda p: p, params), make_optimizer(OptimConfig()),
+    abstract = abstract_train_state(jax.eval_shape(lambda p: p, params), make_optimizer(OptimConfig(total_steps=1)),
                                     rules=partition_rules(model.config), mesh=mesh)
     with Checkpointer(run / "checkpoints") as ck:
         state, meta, step = ck.restore_latest(abstract)
@@ -114,7 +114,7 @@ def test_config_mistakes_are_clear_user_errors(tmp_path, capsys):
                                  "optim.learning_rate=1e-3", "objective.loss=generalized_jsd"]) == \
         TrainConfig(model=ModelConfig(student="s"), data=DataConfig(train_file="t", pack=True), steps=7,
                     objective=OnlineDistillation(teacher="x", loss="generalized_jsd", loss_params={"beta": 0.5}),
-                    optim=OptimConfig(learning_rate=1e-3, total_steps=0))
+                    optim=OptimConfig(learning_rate=1e-3))
     assert apply_overrides(cfg, ["objective.loss_params.temperature=2"]).objective.loss_params == {"temperature": 2}
     with pytest.raises(UserError, match="unknown field 'stepz' of TrainConfig"):
         apply_overrides(cfg, ["stepz=3"])

@@ -14,8 +14,15 @@ from proxytune_jax.errors import UserError
 from proxytune_jax.models import partition_rules
 from proxytune_jax.sharding import MeshConfig, make_mesh, put_global_batch
 from proxytune_jax.training.data import load_batches
-from proxytune_jax.training.objectives import (online_distillation_objective, resolve_loss, sft_objective,
-                                               shifted)
+from proxytune_jax.training.objectives import SFT, OnlineDistillation, OnlineDistillationChunked, shifted
+
+
+def sft_objective(g):
+    return SFT().loss_fn(g, {})
+
+
+def online_distillation_objective(g, tg, **kw):
+    return OnlineDistillation(teacher="t", **kw).loss_fn(g, {"teacher": tg})
 from proxytune_jax.training.optim import OptimConfig, decay_mask, learning_rate_schedule, make_optimizer
 from proxytune_jax.training.state import init_train_state, split_params, train_state_shardings
 from proxytune_jax.training.step import make_train_step
@@ -70,7 +77,8 @@ def test_sft_and_online_distillation_losses_match_torch_and_numpy(setup, torch_l
     jb = jax.tree.map(jnp.asarray, batch)
     loss, metrics = jax.jit(sft_objective(g))(params, {}, jb, jax.random.PRNGKey(0), {})
     assert abs(float(loss) - ce) < 1e-5 * max(1, ce) and int(metrics["tokens"]) == int(m.sum())
-    fn = online_distillation_objective(g, tg, loss="forward_kl", temperature=tau, ce_weight=0.3, kd_weight=2.0)
+    fn = online_distillation_objective(g, tg, loss="forward_kl", loss_params={"temperature": tau}, ce_weight=0.3,
+                                       kd_weight=2.0)
     loss, metrics = jax.jit(fn)(params, {"teacher": tparams}, jb, jax.random.PRNGKey(0), {})
     assert abs(float(metrics["forward_kl"]) - kl) < 1e-5 * max(1, kl)
     assert abs(float(metrics["ce"]) - ce) < 1e-5 * max(1, ce)
@@ -81,15 +89,15 @@ def test_teacher_gets_no_gradient_and_any_loss_name_resolves(setup):
     g, params = split_params(setup["student"])
     tg, tparams = split_params(setup["teacher"])
     jb = jax.tree.map(jnp.asarray, setup["data"].batch(1))
-    fn = online_distillation_objective(g, tg, loss="generalized_jsd", loss_kwargs={"beta": 0.3})
+    fn = online_distillation_objective(g, tg, loss="generalized_jsd", loss_params={"beta": 0.3})
     grads = jax.jit(jax.grad(lambda p, t, b: fn(p, {"teacher": t}, b, jax.random.PRNGKey(0), {})[0],
                              argnums=(0, 1)))(params, tparams, jb)
     assert all(float(jnp.abs(x).max()) == 0.0 for x in jax.tree.leaves(grads[1]))  # stop_gradient
     assert any(float(jnp.abs(x).max()) > 0.0 for x in jax.tree.leaves(grads[0]))
     hinton = online_distillation_objective(g, tg, loss="hinton_kd")  # mixes CE itself: gets labels
     assert np.isfinite(float(jax.jit(hinton)(params, {"teacher": tparams}, jb, jax.random.PRNGKey(0), {})[0]))
-    with pytest.raises(UserError, match="unknown distillation loss 'nope'.*forward_kl"):
-        resolve_loss("nope")
+    with pytest.raises(UserError, match="loss 'nope' cannot be used here; choose one of: adaptive_kl.*forward_kl"):
+        OnlineDistillation(teacher="t", loss="nope").validate()
 
 
 def test_gradient_accumulation_equals_the_big_batch_step(setup):
@@ -173,16 +181,20 @@ def _train_lines(workdir):
 
 
 def test_offline_topk_and_bayesian_objectives_train(setup, tmp_path):
-    from proxytune_jax.training.config import TrainConfig
+    from proxytune_jax.training import (Bayesian, CheckpointConfig, DataConfig, ModelConfig, OfflineTopK, OptimConfig,
+                                        TrainConfig)
     from proxytune_jax.training.loop import train
     from proxytune_jax.training.topk_cache import build_topk_cache
     cache = build_topk_cache(setup["tdir"], setup["data_file"], tmp_path / "cache", k=5)
     # scored before and after on a fixed set (the training file itself: a fixed yardstick, not noisy batches)
-    common = dict(student=str(setup["sdir"]), train_file=str(setup["data_file"]), eval_file=str(setup["data_file"]),
-                  max_length=40, batch_size=8, steps=30, learning_rate=1e-2, log_every=5, save_every=30,
-                  eval_every=30, export=False)
-    first = train(TrainConfig(objective="offline_topk", topk_cache=str(cache), eval_topk_cache=str(cache),
-                              topk_mode="tail_bucket", ce_weight=0.5, **common), tmp_path / "first", progress=False)
+    common = dict(model=ModelConfig(student=str(setup["sdir"])),
+                  data=DataConfig(train_file=str(setup["data_file"]), eval_file=str(setup["data_file"]),
+                                  max_length=40, batch_size=8),
+                  steps=30, optim=OptimConfig(learning_rate=1e-2), log_every=5,
+                  checkpoint=CheckpointConfig(save_every=30), eval_every=30, export=False)
+    first = train(TrainConfig(objective=OfflineTopK(topk_cache=str(cache), eval_topk_cache=str(cache),
+                                                    mode="tail_bucket", ce_weight=0.5), **common),
+                  tmp_path / "first", progress=False)
     lines = _train_lines(tmp_path / "first")
     assert {"topk_kl", "ce", "loss"} <= set(lines[0])
     for l in lines:  # every term reported, and they add up to the objective
@@ -192,7 +204,7 @@ def test_offline_topk_and_bayesian_objectives_train(setup, tmp_path):
     assert evals[1]["eval_topk_kl"] < 0.7 * evals[0]["eval_topk_kl"], evals
     assert first.eval_metrics == {k: v for k, v in evals[1].items() if k != "step"}
 
-    train(TrainConfig(objective="bayesian", proxy=str(setup["tdir"]), alpha=0.5, beta=0.25, posterior_bins=50,
+    train(TrainConfig(objective=Bayesian(proxy=str(setup["tdir"]), alpha=0.5, beta=0.25, posterior_bins=50),
                       **common), tmp_path / "bayes", progress=False)
     lines = _train_lines(tmp_path / "bayes")
     for l in lines:
@@ -219,11 +231,11 @@ def test_prior_of_a_padded_row_equals_the_prior_of_the_bare_example(setup):
 
 
 def test_chunked_online_distillation_equals_the_plain_objective(setup):
-    from proxytune_jax.training.objectives import online_distillation_chunked_objective
     g, params = split_params(setup["student"])
     tg, tparams = split_params(setup["teacher"])
-    plain = online_distillation_objective(g, tg, loss="reverse_kl", temperature=1.5)
-    chunked = online_distillation_chunked_objective(g, tg, loss="reverse_kl", temperature=1.5, chunk_size=48)
+    plain = online_distillation_objective(g, tg, loss="reverse_kl", loss_params={"temperature": 1.5})
+    chunked = OnlineDistillationChunked(teacher="t", loss="reverse_kl", loss_params={"temperature": 1.5},
+                                        chunk_size=48).loss_fn(g, {"teacher": tg})
     jb = jax.tree.map(jnp.asarray, setup["data"].batch(2))
 
     @jax.jit

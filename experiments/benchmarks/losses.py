@@ -32,7 +32,11 @@ import time
 import jax
 import jax.numpy as jnp
 
-from proxytune_jax.losses import PER_POSITION, chunked_loss, chunked_loss_remat, loss_from_hidden
+from proxytune_jax.losses import LOSSES, chunked_loss, chunked_loss_remat, loss_from_hidden
+
+# The losses ``chunked_loss`` takes with a full-logit teacher: entries of ``losses.LOSSES`` with a per-position form.
+FULL_LOGIT_PER_POSITION = [k for k, spec in LOSSES.items()
+                           if spec.per_position is not None and spec.teacher == "logits"]
 
 GIB = float(1 << 30)
 
@@ -105,7 +109,7 @@ def _step(name, impl, pos):
 def rss_child(name, path, n, d, vocab):
     """Run in a fresh process: print the RSS increase (bytes) during the first execution of the step."""
     hs, ws, ht, wt, labels = _inputs(n, d, vocab)
-    pos = {"labels": labels} if name in ("hinton_kd", "uld_kd") else None
+    pos = {"labels": labels} if LOSSES[name].uses_labels else None
     args = (hs, ws, ht, wt, jnp.ones((n,), bool))
     compiled = jax.jit(_step(name, PATHS[path], pos)).lower(*args).compile()
     jax.block_until_ready(args)
@@ -135,7 +139,7 @@ def per_position_rows(names, n, d, vocab, repeats, remat, seed=0, warmup=True):
     mask = jnp.ones((n,), bool)
     rows = []
     for name in names:
-        pos = {"labels": labels} if name in ("hinton_kd", "uld_kd") else None
+        pos = {"labels": labels} if LOSSES[name].uses_labels else None
         res = {}
         for path in ["plain", "chunked"] + (["remat"] if name in remat else []):
             res[path] = measure(_step(name, PATHS[path], pos), (hs, ws, ht, wt, mask), repeats, warmup)
@@ -176,7 +180,8 @@ def main():
     ap.add_argument("--positions", type=int, default=4096)
     ap.add_argument("--hidden", type=int, default=64)
     ap.add_argument("--vocab", type=int, nargs="+", default=[32000, 128256])
-    ap.add_argument("--losses", nargs="+", default=[k for k in PER_POSITION if k != "uld_kd"])
+    ap.add_argument("--losses", nargs="+",  # default: the divergences (not cross_entropy, which reads no teacher)
+                    default=[k for k in FULL_LOGIT_PER_POSITION if k not in ("uld_kd", "cross_entropy")])
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--no-warmup", action="store_true",
                     help="time the first execution after the (ahead-of-time) compile instead of a second one")

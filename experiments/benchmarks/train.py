@@ -102,7 +102,7 @@ def setup_jax(student_dir, teacher_dir, batches, steps_per_call: int = 1, device
     import proxytune_jax as pj
     from proxytune_jax.models import partition_rules
     from proxytune_jax.sharding import MeshConfig, make_mesh, put_global_batch, put_stacked_batches, shard_tree
-    from proxytune_jax.training.objectives import online_distillation_objective
+    from proxytune_jax.training import OnlineDistillation
     from proxytune_jax.training.optim import OptimConfig, make_optimizer
     from proxytune_jax.training.state import init_train_state, split_params, train_state_shardings
     from proxytune_jax.training.step import make_multi_step, make_train_step
@@ -115,7 +115,8 @@ def setup_jax(student_dir, teacher_dir, batches, steps_per_call: int = 1, device
     opt = make_optimizer(OptimConfig(learning_rate=1e-3, warmup_steps=0, total_steps=10**6, min_lr_ratio=1.0,
                                      weight_decay=0.01, b1=0.9, b2=0.95, grad_clip_norm=1.0))
     state = init_train_state(params, opt, rules=rules, mesh=mesh)
-    step = make_train_step(online_distillation_objective(g, tg, loss="forward_kl", ce_weight=CE_WEIGHT), opt, mesh,
+    objective = OnlineDistillation(teacher=str(teacher_dir), loss="forward_kl", ce_weight=CE_WEIGHT)
+    step = make_train_step(objective.loss_fn(g, {"teacher": tg}), opt, mesh,
                            state_shardings=train_state_shardings(state, rules, mesh),
                            frozen={"teacher": shard_tree(tparams, partition_rules(teacher.config), mesh)})
     holder = {"state": state}

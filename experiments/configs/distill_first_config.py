@@ -1,7 +1,10 @@
 """Config of ``experiments/distill_first.py``: FIRST offline top-5 distillation with teacher calibration."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+
+from proxytune_jax.sharding import MeshConfig
+from proxytune_jax.training import CheckpointConfig, DataConfig, ModelConfig, OptimConfig, TrainConfig
 
 
 @dataclass(frozen=True)
@@ -15,9 +18,15 @@ class DistillFirstConfig:
     runs: tuple[tuple[str, str, bool], ...] = (("renormalize_tau1", "renormalize", False),
                                                ("renormalize", "renormalize", True),
                                                ("tail_bucket", "tail_bucket", True))
-    train: dict = field(default_factory=lambda: dict(
-        max_length=512, batch_size=64, steps=1000, learning_rate=2e-5, warmup_steps=30, weight_decay=0.0,
-        param_dtype="bfloat16", mesh_data=1, mesh_fsdp=-1, save_every=200, log_every=20))
+    # the students' training settings (the script fills in model.student, data.train_file, the OfflineTopK
+    # objective of each run and the seed); data.max_length is also the row length of the caches
+    train: TrainConfig = TrainConfig(
+        model=ModelConfig(param_dtype="bfloat16"),
+        data=DataConfig(max_length=512, batch_size=64),
+        optim=OptimConfig(learning_rate=2e-5, warmup_steps=30, weight_decay=0.0),
+        mesh=MeshConfig(data=1, fsdp=-1, tensor=1),
+        checkpoint=CheckpointConfig(save_every=200),
+        steps=1000, log_every=20)
     # multiple-choice reliability (the paper's accuracy + ECE on e.g. BoolQ): (GLUE/SuperGLUE task, local path)
     mc_tasks: tuple[tuple[str, str], ...] = (("boolq", "data/super_glue/boolq"),)
     mc_max_examples: int | None = 1000

@@ -1,10 +1,11 @@
-"""Config of ``experiments/task_tuning.py``: train a Llama-2-7B task expert with ``proxytune train``, then
-proxy-tune Llama-2-13B and -70B with it (anti-expert: the untuned 7B)."""
+"""Config of ``experiments/task_tuning.py``: train a Llama-2-7B task expert (``proxytune_jax.training.train``),
+then proxy-tune Llama-2-13B and -70B with it (anti-expert: the untuned 7B)."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from proxytune_jax.sharding import MeshConfig
+from proxytune_jax.training import (SFT, CheckpointConfig, DataConfig, ModelConfig, OptimConfig, TrainConfig)
 
 
 @dataclass(frozen=True)
@@ -16,10 +17,15 @@ class TaskTuningConfig:
     bases: tuple[tuple[str, str], ...] = (("13B", "checkpoints/Llama-2-13b-hf"),
                                           ("70B", "checkpoints/Llama-2-70b-hf"))
     expert: str | None = None  # an already trained expert folder: skip training
-    # `proxytune train` fields (proxytune_jax.training.config.TrainConfig), full fine-tuning
-    train: dict = field(default_factory=lambda: dict(
-        objective="sft", max_length=512, batch_size=64, steps=234, learning_rate=2e-5, warmup_steps=7,
-        weight_decay=0.0, param_dtype="bfloat16", mesh_data=1, mesh_fsdp=-1, save_every=50, log_every=10))
+    # the expert's training run, full fine-tuning (model.student and data.train_file are filled in by the script)
+    train: TrainConfig = TrainConfig(
+        model=ModelConfig(param_dtype="bfloat16"),
+        data=DataConfig(max_length=512, batch_size=64),
+        objective=SFT(),
+        optim=OptimConfig(learning_rate=2e-5, warmup_steps=7, weight_decay=0.0),
+        mesh=MeshConfig(data=1, fsdp=-1, tensor=1),  # params, moments and batch FSDP-sharded over all devices
+        checkpoint=CheckpointConfig(save_every=50),
+        steps=234, log_every=10)
     alpha: float = 1.0
     max_examples: int | None = None
     max_new_tokens: int | None = None  # None: the task's budget (GSM 512, TriviaQA 20)

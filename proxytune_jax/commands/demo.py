@@ -34,13 +34,15 @@ class DemoConfig:
     distill: object  # FitConfig of each student
     alphas: tuple[float, ...]
     n_examples: int
-
+    transfer: object  # toyworld.transfer.TransferConfig: the distillation regime
 
 def configs(quick: bool, world_seed: int) -> DemoConfig:
     """The full demo, or the ``--quick`` smoke-test version (a tiny world; its numbers mean little)."""
     from proxytune_jax.toyworld.build import ModelSize, ToyWorldConfig
     from proxytune_jax.toyworld.proxy import ALPHAS
+    from proxytune_jax.toyworld.distill import DEFAULT_FIT
     from proxytune_jax.toyworld.train import FitConfig
+    from proxytune_jax.toyworld.transfer import TransferConfig
     from proxytune_jax.toyworld.world import WorldConfig
 
     if quick:
@@ -51,10 +53,10 @@ def configs(quick: bool, world_seed: int) -> DemoConfig:
                             tune=FitConfig(steps=20, batch_size=32, learning_rate=1e-3, warmup_steps=2),
                             seed=world_seed)
         return DemoConfig(tw, FitConfig(steps=8, batch_size=32, learning_rate=1e-3, warmup_steps=1),
-                          (0.5, 1.0, 2.0), 2)
+                          (0.5, 1.0, 2.0), 2, TransferConfig(n_gold=40, n_transfer_people=10, n_eval=24))
     # The full world is ToyWorldConfig's defaults (see toyworld/build.py for why each size is what it is).
     tw = ToyWorldConfig(world=WorldConfig(seed=world_seed), seed=world_seed)
-    return DemoConfig(tw, FitConfig(steps=150, batch_size=32, learning_rate=3e-3, warmup_steps=10), ALPHAS, 4)
+    return DemoConfig(tw, DEFAULT_FIT, ALPHAS, 4, TransferConfig())
 
 
 def _mean_std(xs):
@@ -71,11 +73,51 @@ def _table(headers, rows) -> str:
     return "\n".join([line(cells[0]), line(["-" * w for w in widths])] + [line(r) for r in cells[1:]])
 
 
+_COLUMNS = (("accuracy", "accuracy"), ("agreement", "agreement"), ("fact_recall", "fact recall"),
+            ("nll", "NLL/token"), ("ece", "ECE"), ("kl_teacher_student", "KL(t‖s)"))
+
+
+def _distillation_report(table: dict, seeds) -> list[str]:
+    """The distillation table (mean ± std over seeds), the reference models, and a one-line reading of each
+    declared comparison (paired bootstrap interval over questions, against the seed spread)."""
+    from proxytune_jax.toyworld.distill import reading
+    from proxytune_jax.toyworld.transfer import PRIMARY_COMPARISON, SECONDARY_COMPARISONS
+
+    t = table["teacher"]
+    lines = [f"distillation with a transfer set: {t['n_gold']} gold examples + {t['n_transfer']} teacher-labelled "
+             f"prompts (teacher label accuracy {t['transfer_label_accuracy']:.2f}); {t['n_eval']} held-out "
+             f"two-person questions; mean ± std over seeds {list(seeds)}; teacher-forced metrics on the gold "
+             "answers, accuracy by greedy generation"]
+    rows = [[m["label"]] + [f"{m[k]['mean']:.3f} ± {m[k]['std']:.3f}" for k, _ in _COLUMNS]
+            for m in table["methods"].values()]
+    rows += [[f"({name})"] + [f"{r[k]:.3f}" for k, _ in _COLUMNS] for name, r in table["reference"].items()]
+    lines.append(_table(["objective"] + [h for _, h in _COLUMNS], rows))
+    lines.append(f"FIRST teacher temperature τ fitted on dev questions: {t['first_temperature']:.3f}")
+    diffs = table["differences"]
+    for a, b in (PRIMARY_COMPARISON,) + tuple(SECONDARY_COMPARISONS):
+        key = f"{a} - {b}"
+        if key not in diffs:
+            continue
+        tag = "PRIMARY " if (a, b) == PRIMARY_COMPARISON else ""
+        metrics = ("accuracy", "agreement", "fact_recall") if tag else ("accuracy", "agreement", "nll", "ece")
+        parts = []
+        for k in metrics:
+            spread = (max(table["methods"][a][k]["std"], table["methods"][b][k]["std"]) if len(seeds) > 1
+                      else None)
+            parts.append(f"{k} {reading(diffs[key][k], spread)}")
+        lines.append(f"{tag}{table['methods'][a]['label']} − {table['methods'][b]['label']}: " + "; ".join(parts))
+    return lines
+
+
 def run(args) -> int:
+    from proxytune_jax._quiet import silence_transformers_torch_notice
+    silence_transformers_torch_notice()  # before anything imports transformers: torch is optional here
     t_start = time.perf_counter()
     from proxytune_jax.eval import plot_reliability_diagram
+    from proxytune_jax.jsonl import write_json_atomic
     from proxytune_jax.toyworld.build import build_toyworld
     from proxytune_jax.toyworld.distill import LABELS, METHODS, distill_cached
+    from proxytune_jax.toyworld.transfer import PRIMARY_COMPARISON
     from proxytune_jax.toyworld.proxy import plot_alpha_sweep, run_proxy_tuning
 
     out: Path = args.out
@@ -93,15 +135,16 @@ def run(args) -> int:
     questions = list(tw.world.heldout)
 
     # ---------------------------------------------------------------------------------- proxy-tuning
-    print(f"\nproxy-tuning on {len(questions)} held-out questions (people never seen in instruction tuning)...")
+    print(f"proxy-tuning on {len(questions)} held-out questions...")
     pt = run_proxy_tuning(models, tw.tokenizer, questions, alphas=cfg.alphas)
     plot_alpha_sweep(pt, out / "alpha_sweep.png")
     rows = [(name, f"{pt.accuracy[name]:.3f}") for name in
             ("base-small", "base-large", "tuned-small", "proxy-tuned-large", "tuned-large")]
-    print(_table(["model", "accuracy"], rows))
-    print(f"gap closed (proxy − base)/(tuned − base): {pt.gap_closed:.3f}   "
-          f"tokens whose top-1 changed vs base-large: {pt.top1_changed_share:.3f}   n = {pt.n_questions}")
-    print("α sweep: " + "  ".join(f"{a:.1f}:{v:.2f}" for a, v in pt.alpha_sweep.items()))
+    report = [f"proxy-tuning on {len(questions)} held-out questions (people never seen in instruction tuning), "
+              "α = 1, greedy:", _table(["model", "accuracy"], rows),
+              f"gap closed (proxy − base)/(tuned − base): {pt.gap_closed:.3f}   "
+              f"tokens whose top-1 changed vs base-large: {pt.top1_changed_share:.3f}   n = {pt.n_questions}",
+              "α sweep: " + "  ".join(f"{a:.1f}:{v:.2f}" for a, v in pt.alpha_sweep.items())]
 
     ex_names = ("base-large", "tuned-small", "proxy-tuned-large", "tuned-large")
     examples = []
@@ -114,9 +157,8 @@ def run(args) -> int:
         md += [f"| {name} | {ex[name].replace('|', '/')} |" for name in ex_names]
         md.append("")
     (out / "examples.md").write_text("\n".join(md) + "\n")
-    print(f"\nexample: {examples[0]['question']}")
-    for name in ex_names:
-        print(f"  {name:>18}: {examples[0][name]}")
+    report.append(f"\nexample: {examples[0]['question']}")
+    report += [f"  {name:>18}: {examples[0][name]}" for name in ex_names]
 
     results = {
         "config": {"quick": bool(args.quick), "world_seed": args.world_seed, "toyworld": tw_config.to_dict(),
@@ -131,48 +173,33 @@ def run(args) -> int:
 
     # ---------------------------------------------------------------------------------- distillation
     if not args.skip_distillation:
-        print(f"\ndistillation: student = base-small, teacher = tuned-large, seeds {list(seeds)}...")
+        tc = cfg.transfer
+        print(f"\ndistillation with a transfer set (Hinton et al. 2015): student = base-small, teacher = tuned-large;"
+              f" {tc.n_gold} gold examples + {tc.n_transfer_people} unlabeled prompts the teacher answers; "
+              f"evaluated on {tc.n_eval} two-person questions about the transfer people; seeds {list(seeds)}...")
         t_distill = time.perf_counter()
-        scores, info = distill_cached(tw.root, tw.config.digest(), models["base-small"], models["tuned-large"],
-                                      models["tuned-small"], tw.tokenizer, list(tw.world.tune), questions,
-                                      methods=METHODS, seeds=seeds, fit_config=distill_fit, progress=progress)
-        if info["cached"]:
-            print("(distillation table reused from the cache)")
-        table, drows = {}, []
-        for method in METHODS:
-            per_seed = scores[method]
-            entry = {"label": LABELS[method], "per_seed": {}}
-            for key in ("accuracy", "nll", "ece10", "ece15"):
-                m, sd = _mean_std([getattr(per_seed[s], key) for s in seeds])
-                entry[key] = {"mean": m, "std": sd}
-            for s in seeds:
-                sc = per_seed[s]
-                entry["per_seed"][str(s)] = {"accuracy": sc.accuracy, "nll": sc.nll, "ece10": sc.ece10,
-                                             "ece15": sc.ece15}
-            table[method] = entry
-            drows.append([LABELS[method]] + [f"{entry[k]['mean']:.3f} ± {entry[k]['std']:.3f}"
-                                             for k in ("accuracy", "nll", "ece10", "ece15")])
-        print(_table(["objective", "accuracy", "NLL/token", "ECE (10 bins)", "ECE (15 bins)"], drows))
-        print(f"FIRST teacher temperature τ (fitted on held-out answers): {info['first_teacher_temperature']:.3f} "
-              f"(renormalize), {info['first_tail_teacher_temperature']:.3f} (tail bucket)")
-        import numpy as np
-
-        curves = {name: (np.concatenate([scores[m][s].confidences for s in seeds]),
-                         np.concatenate([scores[m][s].correct for s in seeds]))
-                  for name, m in (("SFT", "sft"), ("FIRST top-5", "first_top5"),
-                                  ("FIRST top-5 + tail bucket", "first_top5_tail"))}
-        plot_reliability_diagram(curves, out / "reliability_sft_vs_first.png", n_bins=10,
-                                 title="Student calibration on held-out answers (all seeds)")
+        table = distill_cached(tw.root, tw.config.digest(), models["base-small"], models["tuned-large"],
+                               models["tuned-small"], tw.tokenizer, tw.world, methods=METHODS, seeds=seeds,
+                               fit_config=distill_fit, transfer_config=tc,
+                               references={"base-small (untrained)": models["base-small"],
+                                           "tuned-small": models["tuned-small"]},
+                               progress=progress)
+        distill_lines = _distillation_report(table, seeds)
+        plot_reliability_diagram({LABELS[m]: table["_arrays"][m] for m in ("sft_gold", "word_kd", "first_top5",
+                                                                           "first_top5_tau1")},
+                                 out / "reliability_sft_vs_first.png", n_bins=10,
+                                 title="Student calibration on the evaluation answers (all seeds)")
         results["distillation"] = {"student": "base-small", "teacher": "tuned-large", "seeds": list(seeds),
-                                   "n_questions": len(questions), "steps": distill_fit.steps,
-                                   "first_teacher_temperature": info["first_teacher_temperature"],
-                                   "first_tail_teacher_temperature": info["first_tail_teacher_temperature"],
-                                   "cached": bool(info["cached"]), "seconds": time.perf_counter() - t_distill,
-                                   "methods": table}
+                                   "steps": distill_fit.steps, "transfer": dataclasses.asdict(tc),
+                                   "primary_comparison": list(PRIMARY_COMPARISON),
+                                   "cached": bool(table["cached"]), "seconds": time.perf_counter() - t_distill,
+                                   **{k: v for k, v in table.items() if k not in ("_arrays", "cached")}}
+        report += ["", *distill_lines]
 
     results["timings"] = {"toyworld_cached": bool(tw.timings.get("cached")),
                           "toyworld_build_s": t_built - t_start, "total_s": time.perf_counter() - t_start}
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    write_json_atomic(out / "results.json", results)
+    print("\n".join(report))  # the tables, after every progress bar has finished
     print(f"\nwrote {out}/results.json, alpha_sweep.png, examples.md"
           + ("" if args.skip_distillation else ", reliability_sft_vs_first.png")
           + f" in {results['timings']['total_s']:.0f} s")

@@ -1,4 +1,4 @@
-"""Divergences between a student ``q`` and a teacher ``p`` on full logits (methods.md §2).
+"""Divergences between a student ``q`` and a teacher ``p`` on full logits (formulas and paper references: docs/methods.md §2).
 
 Every loss here has the uniform signature
 

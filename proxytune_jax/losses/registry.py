@@ -90,6 +90,19 @@ def _checked(loss: str, key: str, default: Any, value: Any, choices: tuple | Non
 
 _TAU = {"temperature": 1.0}
 
+
+def _label_cross_entropy(student_logits, teacher_logits, mask=None, *, labels, temperature=1.0):
+    """The cross-entropy of the row's own tokens (the teacher's logits unused): on rows the teacher wrote,
+    sequence-level KD (Kim & Rush 2016)."""
+    del teacher_logits
+    return D.cross_entropy(student_logits, labels, mask, temperature=temperature)
+
+
+def _label_cross_entropy_per_position(student_logits, teacher_logits, *, labels, temperature=1.0):
+    del teacher_logits
+    return D.cross_entropy_per_position(student_logits, labels, temperature=temperature)
+
+
 _TABLE = [
     LossSpec("forward_kl", D.forward_kl, _TAU, per_position=D.forward_kl_per_position,
              summary="KL(p‖q), mean-seeking (classic KD)"),
@@ -113,9 +126,12 @@ _TABLE = [
              summary="Σ|sort(q) − sort(p)| (ULD; vocabularies may differ)"),
     LossSpec("uld_kd", D.uld_kd, {"temperature": 1.0, "weight": 1.5}, per_position=D.uld_kd_per_position,
              uses_labels=True, summary="CE + λ·ULD (Boizard et al. 2024)"),
+    LossSpec("cross_entropy", _label_cross_entropy, _TAU, per_position=_label_cross_entropy_per_position,
+             uses_labels=True, summary="CE of the row's tokens: sequence-level KD on teacher-written rows"),
     LossSpec("sinkd", S.sinkd, {"temperature": 2.0, "epsilon": 0.1, "num_iters": 20, "weight": 0.001},
              summary="batch-wise Sinkhorn distance, released-code form (SinKD, Cui et al. 2024)"),
-    LossSpec("sinkhorn_ott", S.sinkhorn_ott, {"temperature": 2.0, "epsilon": 0.1, "weight": 1.0},
+    LossSpec("sinkhorn_ott", S.sinkhorn_ott, {"temperature": 2.0, "epsilon": 0.1, "weight": 1.0, "threshold": 1e-4,
+                                              "max_iterations": 2000, "implicit_diff": True},
              summary="batch-wise Sinkhorn distance solved by ott-jax to convergence"),
     LossSpec("topk_kl", F.topk_kl, {"temperature": 1.0, "mode": "renormalize"}, teacher="topk",
              per_position=F.topk_kl_per_position, choices={"mode": F.MODES},

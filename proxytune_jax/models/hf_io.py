@@ -67,13 +67,14 @@ def _weight_files(path: Path) -> dict[str, Path]:
     return names
 
 
-def load_pretrained(path: str | os.PathLike, dtype=jnp.float32, *, mesh: Mesh | None = None):
+def load_pretrained(path: str | os.PathLike, dtype=jnp.float32, *, mesh: Mesh | None = None,
+                    progress: bool = True):
     """A Flax model from a local Hugging Face folder (config.json + safetensors, single or sharded).
 
     Params are cast to ``dtype`` (float32 or bfloat16; logits are float32 either way). With ``mesh``, each
     tensor is placed directly with its family's partition rules (no full copy on one device).
     Raises UserError for a folder without config.json, an unsupported model_type, and missing or
-    mis-shaped tensors (all named).
+    mis-shaped tensors (all named). ``progress=False`` hides the per-tensor progress bar.
     """
     path = Path(path)
     config_file = path / "config.json"
@@ -90,7 +91,7 @@ def load_pretrained(path: str | os.PathLike, dtype=jnp.float32, *, mesh: Mesh | 
 
     missing, misshaped, used, loaded = [], [], set(), []
     handles: dict[Path, object] = {}
-    for our_path, var in tqdm(params, desc=f"loading {path.name}", unit="tensor", leave=False):
+    for our_path, var in tqdm(params, desc=f"loading {path.name}", unit="tensor", leave=False, disable=not progress):
         name, transpose = hf_name(our_path, family.HF_NAMES)
         if name not in files and prefix and name.startswith(prefix) and name[len(prefix):] in files:
             name = name[len(prefix):]

@@ -1,8 +1,8 @@
 """Build (or reuse) the toy world's tokenizer and four models: base-small, base-large (pretrained on the
 raw corpus) and tuned-small, tuned-large (instruction-tuned from them), saved as Hugging Face folders with
-``proxytune_jax.save_pretrained`` and the tokenizer. Training uses the library's own jitted train step
-(``proxytune_jax.training``) with a label-smoothed next-token loss (``toyworld.train.next_token_ce_loss_fn``;
-pretraining on every corpus token, tuning on response tokens plus replayed raw documents).
+``proxytune_jax.save_pretrained`` and the tokenizer. Training is the library's trainer (``training.fit``) with
+the label-smoothed ``SFT`` objective (pretraining on every corpus token, tuning on response tokens plus
+replayed raw documents).
 
 The cache folder is ``<cache_dir>/<config hash>/``; a finished build writes ``manifest.json`` last, so an
 interrupted build is redone and a finished one is reused (loading takes seconds).
@@ -22,10 +22,10 @@ import numpy as np
 from proxytune_jax.errors import UserError
 from proxytune_jax.toyworld.data import concat, encode_corpus, encode_instructions
 from proxytune_jax.toyworld.tokenizer import train_tokenizer
-from proxytune_jax.toyworld.train import FitConfig, fit
+from proxytune_jax.toyworld.train import FitConfig, train_models
 from proxytune_jax.toyworld.world import World, WorldConfig, build_world
 
-BUILD_VERSION = 5  # bump when the build procedure changes (invalidates caches)
+BUILD_VERSION = 6  # bump when the build procedure changes (invalidates caches)
 MODEL_NAMES = ("base-small", "base-large", "tuned-small", "tuned-large")
 
 
@@ -70,7 +70,7 @@ class ToyWorldConfig:
     # Raw documents mixed into instruction tuning, per instruction example (replay against forgetting the
     # corpus: without it the tiny tuned models drift towards the names seen in tuning).
     replay_ratio: float = 1.0
-    # Label smoothing of the small and the large models' training (``toyworld.train.next_token_ce_loss_fn``).
+    # Label smoothing of the small and the large models' training (the ``SFT`` objective's ``label_smoothing``).
     # Small: without it the tiny models put arbitrarily low log-probs on tokens they deem impossible and the
     # expert − anti-expert difference blows up on junk tokens (the proxy wrote "coins" where "####" belongs).
     # Large: measured with 0.0 on world seeds 0/1/2, proxy-tuning still wins (0.76/0.70/0.725 vs tuned-small
@@ -106,10 +106,10 @@ class ToyWorld:
             raise UserError(f"unknown toy model {name!r}; one of {MODEL_NAMES}")
         return self.root / name
 
-    def load(self, name: str):
+    def load(self, name: str, *, progress: bool = False):
         from proxytune_jax import load_pretrained
 
-        return load_pretrained(self.model_path(name))
+        return load_pretrained(self.model_path(name), progress=progress)
 
 
 def llama_config(size: ModelSize, tokenizer, max_length: int, rope_theta: float = 10000.0):
@@ -132,8 +132,7 @@ def build_toyworld(config: ToyWorldConfig = ToyWorldConfig(), cache_dir: str | o
     """Train (first run) or load (later runs) the toy world for ``config``."""
     from proxytune_jax import save_pretrained
     from proxytune_jax.models import init_model
-    from proxytune_jax.toyworld.train import next_token_ce_loss_fn
-    from proxytune_jax.training.state import split_params
+    from proxytune_jax.training.objectives import SFT
     from transformers import AutoTokenizer
 
     world = build_world(config.world)
@@ -165,18 +164,19 @@ def build_toyworld(config: ToyWorldConfig = ToyWorldConfig(), cache_dir: str | o
     for size_name, size in (("small", config.small), ("large", config.large)):
         t = time.perf_counter()
         model = init_model(llama_config(size, tok, config.max_length, config.rope_theta), seed=config.seed)
-        graphdef, _ = split_params(model)
         smoothing = config.label_smoothing_small if size_name == "small" else config.label_smoothing_large
-        objective = next_token_ce_loss_fn(graphdef, smoothing)
+        objective = SFT(label_smoothing=smoothing)
         pre = dataclasses.replace(config.pretrain, seed=config.seed)
-        base, _ = fit(model, corpus, objective, pre, desc=f"pretrain base-{size_name}", progress=progress)
+        base = train_models(model, corpus, objective, pre, desc=f"pretrain base-{size_name}",
+                            progress=progress).model
         save_pretrained(base, root / f"base-{size_name}")
         timings[f"pretrain_{size_name}_s"] = time.perf_counter() - t
         t = time.perf_counter()
         lr_scale = config.small_tune_lr_scale if size_name == "small" else 1.0
         tune = dataclasses.replace(config.tune, seed=config.seed + 1,
                                    learning_rate=config.tune.learning_rate * lr_scale)
-        tuned, _ = fit(base, sft, objective, tune, desc=f"instruction-tune {size_name}", progress=progress)
+        tuned = train_models(base, sft, objective, tune, desc=f"instruction-tune {size_name}",
+                             progress=progress).model
         save_pretrained(tuned, root / f"tuned-{size_name}")
         timings[f"tune_{size_name}_s"] = time.perf_counter() - t
     for name in MODEL_NAMES:

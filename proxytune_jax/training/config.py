@@ -61,7 +61,7 @@ class TrainConfig:
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
     objective: Objective = SFT()
-    optim: OptimConfig = OptimConfig(total_steps=0)
+    optim: OptimConfig = OptimConfig()
     mesh: MeshConfig = MeshConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     steps: int = 1000

@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 from proxytune_jax.checkpoint import Checkpointer
 from proxytune_jax.errors import UserError
+from proxytune_jax.jsonl import write_json_atomic
 from proxytune_jax.sharding import (make_mesh, put_global, put_global_batch, put_stacked_batches, replicated,
                                     to_host, tree_shardings)
 from proxytune_jax.training.config import TrainConfig, check_resume_compatible
@@ -137,7 +138,7 @@ def train(config: TrainConfig, workdir: str | Path, *, mesh=None, progress: bool
         if changed and primary:
             print(f"[train] resuming {workdir} with changed {', '.join(changed)}")
     if primary:
-        config_file.write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+        write_json_atomic(config_file, config.to_dict())
 
     from transformers import AutoTokenizer
     tokenizer = AutoTokenizer.from_pretrained(config.model.tokenizer or config.model.student)

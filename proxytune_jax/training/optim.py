@@ -20,12 +20,13 @@ from proxytune_jax.sharding import path_to_str
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
     """AdamW hyperparameters. The learning rate rises linearly from 0 to ``learning_rate`` over
-    ``warmup_steps`` and then follows a cosine down to ``learning_rate * min_lr_ratio`` at ``total_steps``.
+    ``warmup_steps`` and then follows a cosine down to ``learning_rate * min_lr_ratio`` at ``total_steps``
+    (0: the run's own number of steps, filled in by ``TrainConfig.optim_config()`` and ``training.fit``).
     ``grad_clip_norm <= 0`` disables clipping. Weight decay skips 1-D parameters (norm scales, biases)."""
 
     learning_rate: float = 3e-4
     warmup_steps: int = 0
-    total_steps: int = 1000
+    total_steps: int = 0
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.01
     b1: float = 0.9
@@ -37,7 +38,8 @@ class OptimConfig:
         if self.learning_rate <= 0:
             raise UserError(f"learning_rate must be > 0, got {self.learning_rate}")
         if self.total_steps < 1:
-            raise UserError(f"total_steps (the run's number of steps) must be >= 1, got {self.total_steps}")
+            raise UserError(f"total_steps (the run's number of steps) must be >= 1, got {self.total_steps} (0 is "
+                            "resolved to the run's steps by TrainConfig.optim_config() and training.fit)")
         if not 0 <= self.warmup_steps <= self.total_steps:
             raise UserError(f"warmup_steps must be in [0, total_steps={self.total_steps}], got {self.warmup_steps}")
         if not 0 <= self.min_lr_ratio <= 1:

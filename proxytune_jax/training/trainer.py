@@ -16,6 +16,7 @@ distillation students this way.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, Sequence
 
 import jax
@@ -29,7 +30,8 @@ from proxytune_jax.sharding import MeshConfig, make_mesh
 from proxytune_jax.training.objectives import Objective
 from proxytune_jax.training.optim import OptimConfig, learning_rate_schedule, make_optimizer
 from proxytune_jax.training.state import TrainState, create_train_state, split_params
-from proxytune_jax.training.step import MultiStep, TrainStep, make_multi_step, make_train_step
+from proxytune_jax.training.step import MultiStep, TrainStep, make_train_step
+from proxytune_jax.xla_options import compiler_options
 
 
 def call_length(step: int, total: int, steps_per_call: int, cut_every: Sequence[int] = ()) -> int:
@@ -99,21 +101,25 @@ class FitResult:
         return self.models[0]
 
 
-def _seed_parallel(train_step: TrainStep, mesh) -> tuple[Callable, Callable]:
-    """Jitted ``(state, batch, frozen)`` and ``(state, batches, frozen)`` over a seed-stacked state: ``vmap`` of the step's own
-    function over the seed axis (frozen models shared), and a scan of it over stacked steps."""
+def _seed_parallel(train_step: TrainStep, mesh, num_seeds: int) -> tuple[Callable, Callable]:
+    """Jitted ``(state, batch, frozen)`` and ``(state, batches, frozen)`` over a seed-stacked state: ``vmap`` of
+    the step's own function over the seed axis (frozen models shared), and a scan of it over stacked steps.
+    One seed runs the step function itself on the unstacked state (no batched products of size 1)."""
     fn = train_step.fn
     rep = NamedSharding(mesh, P())
-    vstep = jax.vmap(fn, in_axes=(None, 0, 0))
-
-    def one(frozen, state, batch):
-        return vstep(frozen, state, batch)
+    if num_seeds == 1:
+        def vstep(frozen, state, batch):
+            squeeze = functools.partial(jax.tree.map, lambda x: x[0])
+            out = fn(frozen, squeeze(state), squeeze(batch))
+            return jax.tree.map(lambda x: x[None], out)
+    else:
+        vstep = jax.vmap(fn, in_axes=(None, 0, 0))
 
     def multi(frozen, state, batches):  # batches [n, S, B, ...]
         return jax.lax.scan(lambda s, b: vstep(frozen, s, b), state, batches)
 
-    kw = dict(in_shardings=rep, out_shardings=rep, donate_argnums=(1,))
-    j1, jn = jax.jit(one, **kw), jax.jit(multi, **kw)
+    kw = dict(in_shardings=rep, out_shardings=rep, donate_argnums=(1,), compiler_options=compiler_options(mesh))
+    j1, jn = jax.jit(vstep, **kw), jax.jit(multi, **kw)
     return (lambda s, b, f: j1(f, s, b)), (lambda s, b, f: jn(f, s, b))
 
 
@@ -165,7 +171,7 @@ def fit(model: nnx.Module, data: dict[str, np.ndarray], objective: Objective, *,
             step = make_train_step(loss_fn, optimizer, mesh, state_shardings=shardings, frozen=frozen,
                                    learning_rate_fn=learning_rate_schedule(optim),
                                    update_extras=objective.update_state, generate=_generate(objective))
-            cached = _seed_parallel(step, mesh)
+            cached = _seed_parallel(step, mesh, len(seeds))
             if reuse_compiled:
                 _STEP_CACHE[key] = cached
         one, many = cached  # called with this call's frozen arrays (a cached step saw another call's)

@@ -9,7 +9,8 @@ import numpy as np
 
 from proxytune_jax.errors import UserError
 from proxytune_jax.training.objectives.base import DataContext, Objective
-from proxytune_jax.training.objectives.common import count, frozen_logits, model_logits, shifted, token_cross_entropy
+from proxytune_jax.training.objectives.common import (count, frozen_logits, model_logits, row_masks, shifted,
+                                                      token_cross_entropy)
 
 
 class PriorAttacher:
@@ -44,7 +45,11 @@ class Bayesian(Objective):
     kept), attached to each batch on the host (``prior_ids``/``prior_probs``; in-memory data may carry them
     already). Inside the step ``posterior_samples`` tokens per position are sampled from the proxy model M
     (``proxy``, a frozen model; without one, the student's own stop-gradient logits) and the posterior
-    ``E(P | M)`` over ``posterior_bins`` grid values is formed in closed form.
+    ``E(P | M)`` over ``posterior_bins`` grid values is formed in closed form; in-memory data may instead carry
+    a posterior computed once offline (``posterior_ids`` / ``posterior_probs`` ``[B, T-1, S']``, entry t the
+    posterior of token t+1), and then no proxy runs in the step. With per-row selectors in the
+    batch (``kd_rows`` for the teacher's texts, ``ce_rows`` for gold rows) the loss is the Bayesian term over
+    the teacher's rows plus the cross-entropy over the gold rows, each a mean over its own tokens.
     Metrics: ``loss``, ``ce``, ``kl_prior``, ``kl_posterior``, ``tokens``."""
 
     name: ClassVar[str] = "bayesian"
@@ -88,16 +93,23 @@ class Bayesian(Objective):
             del state
             labels, mask = shifted(batch)
             s = model_logits(student, params, batch)
-            proxy = (frozen_logits(proxy_graphdef, frozen["proxy"], batch, s.shape[-1]) if proxy_graphdef is not None
-                     else jax.lax.stop_gradient(s))
             prior = SparseDist(batch["prior_ids"][:, 1:], batch["prior_probs"][:, 1:])
-            samples = sample_proxy_tokens(rng, proxy, o.posterior_samples, temperature=o.proxy_temperature)
-            posterior = jax.lax.stop_gradient(posterior_estimate(prior, samples, num_bins=o.posterior_bins))
-            loss = bayesian_kd(s, labels, prior, posterior, mask, alpha=o.alpha, beta=o.beta,
+            if "posterior_ids" in batch:  # computed offline, once
+                posterior = SparseDist(batch["posterior_ids"], batch["posterior_probs"])
+            else:
+                proxy = (frozen_logits(proxy_graphdef, frozen["proxy"], batch, s.shape[-1])
+                         if proxy_graphdef is not None else jax.lax.stop_gradient(s))
+                samples = sample_proxy_tokens(rng, proxy, o.posterior_samples, temperature=o.proxy_temperature)
+                posterior = jax.lax.stop_gradient(posterior_estimate(prior, samples, num_bins=o.posterior_bins))
+            ce_mask, kd_mask = row_masks(batch, mask)
+            loss = bayesian_kd(s, labels, prior, posterior, kd_mask, alpha=o.alpha, beta=o.beta,
                                temperature=o.temperature)
-            return loss, {"loss": loss, "ce": token_cross_entropy(s, labels, mask),
-                          "kl_prior": sparse_kl(s, prior, mask, temperature=o.temperature),
-                          "kl_posterior": sparse_kl(s, posterior, mask, temperature=o.temperature),
-                          "tokens": count(mask)}
+            ce = token_cross_entropy(s, labels, ce_mask)
+            if "ce_rows" in batch:
+                loss = loss + ce
+            return loss, {"loss": loss, "ce": ce,
+                          "kl_prior": sparse_kl(s, prior, kd_mask, temperature=o.temperature),
+                          "kl_posterior": sparse_kl(s, posterior, kd_mask, temperature=o.temperature),
+                          "tokens": count(ce_mask | kd_mask)}
 
         return loss_fn
