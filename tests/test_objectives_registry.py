@@ -152,3 +152,47 @@ def _max_diff(m1, m2) -> float:
     from flax import nnx
     a, b = jax.tree.leaves(nnx.state(m1)), jax.tree.leaves(nnx.state(m2))
     return max(float(np.max(np.abs(np.asarray(x) - np.asarray(y)))) for x, y in zip(a, b))
+
+
+def test_objective_state_and_in_step_data_reach_the_loss(tiny_checkpoint):
+    """The two hooks later objectives need: state carried in the train state (``init_state`` /
+    ``update_state``: a step counter here, as TAID's schedule would be) and data made inside the step
+    (``generate``: here a per-row weight drawn from the step's key). Both are seen by the loss every step."""
+    import dataclasses
+    from typing import ClassVar
+
+    import proxytune_jax as pj
+    from proxytune_jax.training import Objective, OptimConfig, fit
+    from proxytune_jax.training.objectives import model_logits, shifted, token_cross_entropy
+
+    @dataclasses.dataclass(frozen=True)
+    class Counting(Objective):
+        name: ClassVar[str] = "counting_test"
+
+        def init_state(self):
+            return {"seen": jnp.zeros((), jnp.float32)}
+
+        def update_state(self, state, step, metrics):
+            return {"seen": state["seen"] + 1.0}
+
+        def generate(self, params, frozen, batch, rng):
+            return {**batch, "row_weight": jax.random.uniform(rng, batch["input_ids"].shape[:1]) + 1.0}
+
+        def loss_fn(self, student, frozen_graphdefs):
+            def loss_fn(params, frozen, batch, rng, state):
+                labels, mask = shifted(batch)
+                ce = token_cross_entropy(model_logits(student, params, batch), labels, mask)
+                w = jnp.mean(batch["row_weight"])
+                return w * ce, {"loss": w * ce, "ce": ce, "seen": state["seen"], "weight": w,
+                                "tokens": jnp.sum(mask, dtype=jnp.int32)}
+            return loss_fn
+
+    model = pj.load_pretrained(tiny_checkpoint("llama", seed=1))
+    ids = np.random.default_rng(0).integers(4, 300, size=(16, 10)).astype(np.int32)
+    data = {"input_ids": ids, "attention_mask": np.ones_like(ids), "loss_mask": np.ones_like(ids)}
+    res = fit(model, data, Counting(), steps=6, batch_size=4, optim=OptimConfig(learning_rate=1e-3), seeds=(0, 1),
+              steps_per_call=4, progress=False)
+    np.testing.assert_array_equal(res.metrics["seen"], np.tile(np.arange(6.0), (2, 1)))
+    w = res.metrics["weight"]
+    assert np.all((w > 1.0) & (w < 2.0)) and len(np.unique(w)) == w.size  # a fresh draw every step and seed
+    np.testing.assert_allclose(res.metrics["loss"], w * res.metrics["ce"], rtol=1e-6)

@@ -10,6 +10,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from filelock import FileLock
 
 from proxytune_jax import cli
 from proxytune_jax.errors import UserError
@@ -304,3 +305,33 @@ def test_cpu_devices_refused_once_jax_has_started():
         use_cpu_devices(0)
     with pytest.raises(UserError, match="steps_per_call must be >= 1"):
         load_config(DISTILL_CONFIG, ["steps_per_call=0"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["sft", "distill", "first", "bayes"])
+def test_every_tiny_config_trains_from_the_cli(name, tmp_path_factory, monkeypatch, capsys):
+    """`experiments/configs/make_tiny.py` then `proxytune train --config <each tiny config>`: every objective of
+    the examples runs end to end from the command line (a few steps each; the configs' relative paths)."""
+    import runpy
+    root = tmp_path_factory.getbasetemp() / "tiny_configs"
+    monkeypatch.chdir(root.parent)
+    with FileLock(str(root.parent / "tiny_configs.lock")):
+        if not (root / "runs" / "tiny" / "topk_eval").is_dir():
+            root.mkdir(exist_ok=True)
+            monkeypatch.chdir(root)
+            monkeypatch.setattr("sys.argv", ["make_tiny.py", "runs/tiny", "--teacher-steps", "8"])
+            with pytest.raises(SystemExit) as done:
+                runpy.run_path(str(REPO / "experiments" / "configs" / "make_tiny.py"), run_name="__main__")
+            assert done.value.code == 0
+    monkeypatch.chdir(root)
+    config = REPO / "experiments" / "configs" / f"{name}_tiny.py"
+    capsys.readouterr()
+    assert cli.main(["train", "--config", str(config), "--workdir", f"runs/{name}", "--no-progress",
+                     "--set", "steps=6", "--set", "optim.warmup_steps=2", "--set", "checkpoint.save_every=6",
+                     "--set", "eval_every=6",
+                     "--set", "log_every=3", "--set", "export=false"]) == 0
+    out = capsys.readouterr().out
+    assert "step 6/6" in out and "eval:" in out
+    lines = [json.loads(l) for l in (root / "runs" / name / "metrics.jsonl").read_text().splitlines()]
+    assert [l["step"] for l in lines if "loss" in l] == [3, 6]
+    assert all(np.isfinite(l["loss"]) for l in lines if "loss" in l)

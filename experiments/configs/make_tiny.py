@@ -79,7 +79,7 @@ def main(argv=None) -> int:
                           data=DataConfig(train_file=str(out / "train.jsonl"), eval_file=str(out / "eval.jsonl"),
                                           max_length=32, batch_size=16),
                           steps=args.teacher_steps,
-                          optim=OptimConfig(learning_rate=3e-3, warmup_steps=min(20, args.teacher_steps)),
+                          optim=OptimConfig(learning_rate=3e-3, warmup_steps=min(20, args.teacher_steps // 2)),
                           checkpoint=CheckpointConfig(save_every=10**9), log_every=50)
         result = train(cfg, out / "teacher_run")
         shutil.rmtree(out / "teacher", ignore_errors=True)

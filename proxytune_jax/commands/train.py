@@ -38,13 +38,18 @@ def use_cpu_devices(n: int) -> None:
     from proxytune_jax.errors import UserError
     if n < 1:
         raise UserError(f"--cpu-devices must be >= 1, got {n}")
-    if "jax" in sys.modules:
-        from jax._src import xla_bridge
-        if xla_bridge.backends_are_initialized():
+    old = os.environ.get("XLA_FLAGS")
+    flags = re.sub(r"--xla_force_host_platform_device_count=\S+", "", old or "")
+    os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
+    if "jax" in sys.modules:  # started already? its CPU backend shows whether the flag took effect
+        import jax
+        if len(jax.devices("cpu")) != n:
+            if old is None:
+                os.environ.pop("XLA_FLAGS")
+            else:
+                os.environ["XLA_FLAGS"] = old
             raise UserError("--cpu-devices must be applied before JAX starts its backends; pass it to a fresh "
                             "`proxytune train` process (or set XLA_FLAGS yourself)")
-    flags = re.sub(r"--xla_force_host_platform_device_count=\S+", "", os.environ.get("XLA_FLAGS", ""))
-    os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
 
 
 def run(args) -> int:

@@ -25,7 +25,7 @@ from proxytune_jax.toyworld.tokenizer import train_tokenizer
 from proxytune_jax.toyworld.train import FitConfig, train_models
 from proxytune_jax.toyworld.world import World, WorldConfig, build_world
 
-BUILD_VERSION = 6  # bump when the build procedure changes (invalidates caches)
+BUILD_VERSION = 7  # bump when the build procedure changes (invalidates caches)
 MODEL_NAMES = ("base-small", "base-large", "tuned-small", "tuned-large")
 
 
@@ -50,18 +50,15 @@ class ToyWorldConfig:
     world: WorldConfig = WorldConfig()
     vocab_size: int = 4096  # upper bound for the word-level tokenizer (the world has ~70 words)
     max_length: int = 96  # the models' context (max_position_embeddings)
-    # The capacity gap, measured as the argmax at the count token after "how many coins does <name> have ?
-    # <name> has" for held-out people, world seeds 0/1/2: base-small 0.15/0.29/0.23 (chance 0.11), base-large
-    # 1.00/1.00/1.00 after the same pretraining; both copy names and numbers from the question.
+    # The capacity gap: after the same pretraining, base-large recalls held-out people's coin counts (the
+    # argmax at the count token after "<name> has") and base-small barely does better than chance; both copy
+    # names and numbers from the question. The README's toy-world section has the measured numbers.
     small: ModelSize = ModelSize(hidden_size=24, num_layers=2, num_heads=2, intermediate_size=24)
     large: ModelSize = ModelSize(hidden_size=64, num_layers=2, num_heads=4, intermediate_size=256)
     pretrain: FitConfig = FitConfig(steps=1500, batch_size=32, learning_rate=5e-3, warmup_steps=40)
-    # 900 tuning steps, not 300: with the query-block attention's rounding (attention.attend_causal) the large
-    # model tuned for 300 steps had not yet learnt to copy held-out names into the answer format on world seed
-    # 0 (held-out accuracy 0.225; 600 steps 0.65, 900 steps 0.76, 1200 steps 0.80; lr 2e-3 0.385, 5e-4 0.095,
-    # replay 2-3x 0.14): it was under-trained, and the earlier seed-2 collapses looked the same. At 900 steps,
-    # world seeds 0/1/2: tuned-large 0.760/0.850/0.725, proxy-tuned-large 0.800/0.800/0.715
-    # (experiments/toyworld_seeds.py); the build takes ~10 s longer.
+    # 900 tuning steps, not 300: tuned for 300 steps, the large model had not yet learnt to copy held-out
+    # names into the answer format on some world seeds (under-trained, not corrupted; more steps fixed it).
+    # experiments/toyworld_seeds.py measures the world seeds' tables.
     tune: FitConfig = FitConfig(steps=900, batch_size=32, learning_rate=1e-3, warmup_steps=20)
     # The small model is instruction-tuned at ``small_tune_lr_scale`` × ``tune.learning_rate``. Smaller models
     # take larger learning rates (as in real model families); at the large model's rate the small one copied
@@ -73,9 +70,8 @@ class ToyWorldConfig:
     # Label smoothing of the small and the large models' training (the ``SFT`` objective's ``label_smoothing``).
     # Small: without it the tiny models put arbitrarily low log-probs on tokens they deem impossible and the
     # expert − anti-expert difference blows up on junk tokens (the proxy wrote "coins" where "####" belongs).
-    # Large: measured with 0.0 on world seeds 0/1/2, proxy-tuning still wins (0.76/0.70/0.725 vs tuned-small
-    # 0.15/0.195/0.14) and the distilled students' NLL/ECE come closer to SFT's, but tuned-large collapsed on
-    # seed 2 (0.10), so both stay at 0.1.
+    # Large: with 0.0 proxy-tuning still won on world seeds 0-2 in a design run, but tuned-large collapsed on
+    # one seed, so both stay at 0.1.
     label_smoothing_small: float = 0.1
     label_smoothing_large: float = 0.1
     # RoPE base of both models (Llama's 10000; in the design runs a base of 100 made the tiny models copy

@@ -27,7 +27,7 @@ class FitConfig:
     def optim(self):
         """AdamW + warmup-cosine to 0.1× (``training.OptimConfig``) over ``steps``."""
         from proxytune_jax.training.optim import OptimConfig
-        return OptimConfig(learning_rate=self.learning_rate, warmup_steps=min(self.warmup_steps, self.steps),
+        return OptimConfig(learning_rate=self.learning_rate, warmup_steps=min(self.warmup_steps, self.steps - 1),
                            total_steps=self.steps, weight_decay=self.weight_decay, min_lr_ratio=0.1)
 
 

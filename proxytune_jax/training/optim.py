@@ -35,13 +35,15 @@ class OptimConfig:
     grad_clip_norm: float = 1.0
 
     def validate(self) -> None:
-        if self.learning_rate <= 0:
+        if not self.learning_rate > 0:  # NaN too
             raise UserError(f"learning_rate must be > 0, got {self.learning_rate}")
         if self.total_steps < 1:
             raise UserError(f"total_steps (the run's number of steps) must be >= 1, got {self.total_steps} (0 is "
                             "resolved to the run's steps by TrainConfig.optim_config() and training.fit)")
-        if not 0 <= self.warmup_steps <= self.total_steps:
-            raise UserError(f"warmup_steps must be in [0, total_steps={self.total_steps}], got {self.warmup_steps}")
+        if not 0 <= self.warmup_steps < self.total_steps:
+            raise UserError(f"warmup_steps must be in [0, total_steps={self.total_steps}) (the cosine needs at least "
+                            f"one step after the warmup), got {self.warmup_steps}; lower optim.warmup_steps or "
+                            "train for more steps")
         if not 0 <= self.min_lr_ratio <= 1:
             raise UserError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
 

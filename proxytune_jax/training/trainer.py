@@ -31,7 +31,6 @@ from proxytune_jax.training.objectives import Objective
 from proxytune_jax.training.optim import OptimConfig, learning_rate_schedule, make_optimizer
 from proxytune_jax.training.state import TrainState, create_train_state, split_params
 from proxytune_jax.training.step import MultiStep, TrainStep, make_train_step
-from proxytune_jax.xla_options import compiler_options
 
 
 def call_length(step: int, total: int, steps_per_call: int, cut_every: Sequence[int] = ()) -> int:
@@ -118,7 +117,7 @@ def _seed_parallel(train_step: TrainStep, mesh, num_seeds: int) -> tuple[Callabl
     def multi(frozen, state, batches):  # batches [n, S, B, ...]
         return jax.lax.scan(lambda s, b: vstep(frozen, s, b), state, batches)
 
-    kw = dict(in_shardings=rep, out_shardings=rep, donate_argnums=(1,), compiler_options=compiler_options(mesh))
+    kw = dict(in_shardings=rep, out_shardings=rep, donate_argnums=(1,))
     j1, jn = jax.jit(vstep, **kw), jax.jit(multi, **kw)
     return (lambda s, b, f: j1(f, s, b)), (lambda s, b, f: jn(f, s, b))
 
@@ -142,9 +141,11 @@ def fit(model: nnx.Module, data: dict[str, np.ndarray], objective: Objective, *,
     seeds = tuple(int(s) for s in seeds)
     if not seeds:
         raise UserError("fit needs at least one seed")
+    if steps < 1:
+        raise UserError(f"fit needs steps >= 1, got {steps}")
     mesh = mesh or make_mesh(MeshConfig(data=1), devices=jax.devices()[:1])
     optim = optim if optim.total_steps else dataclasses.replace(optim, total_steps=steps)
-    optim = dataclasses.replace(optim, warmup_steps=min(optim.warmup_steps, steps))
+    optim = dataclasses.replace(optim, warmup_steps=min(optim.warmup_steps, steps - 1))
     optimizer = make_optimizer(optim)
     graphdef, params = split_params(model)
     frozen_models = frozen_models or {}
