@@ -102,6 +102,11 @@ def test_rerun_resumes_and_changed_config_is_refused(run_setup, capsys):
     assert "resumed from step 300" in out and "step 310/310" in out
     lines = (work / "run" / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == n_lines + 2 and json.loads(lines[-2])["step"] == 310  # train line, then eval line
+    n_lines = len(lines)
+    assert cli.main(args + ["--set", "steps=310", "--set", "eval_every=0"]) == 0  # the finished run, rerun as is
+    assert "eval: " in capsys.readouterr().out  # its final evaluation, read back
+    lines = (work / "run" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == n_lines  # ... not appended a second time
     assert cli.main(args + ["--set", "steps=310", "--set", "optim.learning_rate=1e-2"]) == 2
     err = capsys.readouterr().err
     assert "different configuration" in err and "learning_rate" in err and "new --workdir" in err
@@ -143,6 +148,9 @@ def test_config_mistakes_are_clear_user_errors(tmp_path, capsys):
         load_config(DISTILL_CONFIG, ["objective.loss=generalized_jsd", "objective.loss_params={\"mu\": 1}"])
     with pytest.raises(UserError, match="cannot be used here .it needs a topk teacher"):
         load_config(DISTILL_CONFIG, ["objective.loss=topk_kl"])
+    from proxytune_jax.training import DataContext, OfflineLogits
+    with pytest.raises(UserError, match="offline_logits reads teacher logits stored with in-memory data"):
+        OfflineLogits().attach(DataContext("train", "train.jsonl", [], None))
     assert cli.main(["train", "--config", str(tmp_path / "missing.py"), "--workdir", str(tmp_path / "w")]) == 2
     assert "does not exist" in capsys.readouterr().err
 
@@ -308,8 +316,9 @@ def test_cpu_devices_refused_once_jax_has_started():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["sft", "distill", "first", "bayes"])
-def test_every_tiny_config_trains_from_the_cli(name, tmp_path_factory, monkeypatch, capsys):
+@pytest.mark.parametrize("name,extra", [("sft", []), ("distill", []), ("first", []), ("bayes", []),
+                                        ("distill", ["objective.name=online_distillation_chunked"])])
+def test_every_tiny_config_trains_from_the_cli(name, extra, tmp_path_factory, monkeypatch, capsys):
     """`experiments/configs/make_tiny.py` then `proxytune train --config <each tiny config>`: every objective of
     the examples runs end to end from the command line (a few steps each; the configs' relative paths)."""
     import runpy
@@ -326,12 +335,42 @@ def test_every_tiny_config_trains_from_the_cli(name, tmp_path_factory, monkeypat
     monkeypatch.chdir(root)
     config = REPO / "experiments" / "configs" / f"{name}_tiny.py"
     capsys.readouterr()
-    assert cli.main(["train", "--config", str(config), "--workdir", f"runs/{name}", "--no-progress",
+    workdir = f"runs/{name}" + ("_" + "_".join(e.split("=")[1] for e in extra) if extra else "")
+    assert cli.main(["train", "--config", str(config), "--workdir", workdir, "--no-progress",
+                     *[a for e in extra for a in ("--set", e)],
                      "--set", "steps=6", "--set", "optim.warmup_steps=2", "--set", "checkpoint.save_every=6",
                      "--set", "eval_every=6",
                      "--set", "log_every=3", "--set", "export=false"]) == 0
     out = capsys.readouterr().out
     assert "step 6/6" in out and "eval:" in out
-    lines = [json.loads(l) for l in (root / "runs" / name / "metrics.jsonl").read_text().splitlines()]
+    lines = [json.loads(l) for l in (root / workdir / "metrics.jsonl").read_text().splitlines()]
     assert [l["step"] for l in lines if "loss" in l] == [3, 6]
     assert all(np.isfinite(l["loss"]) for l in lines if "loss" in l)
+
+
+def test_data_without_targets_and_a_teacher_with_another_tokenizer_are_refused(run_setup, tmp_path, capsys):
+    """Two inputs that used to train "successfully" and wrongly: a data file whose responses all fall beyond
+    data.max_length (nothing to learn), and a teacher whose tokenizer has the student's size but other ids. Both now stop
+    before any training with a message naming the fix, and leave nothing behind in the work dir but config.json."""
+    import shutil
+    work, args = run_setup
+    empty = tmp_path / "empty.jsonl"
+    long_prompt = "the quick brown fox jumps over the lazy dog " * 8  # cut off at data.max_length: no response left
+    empty.write_text("".join(json.dumps({"prompt": f"{long_prompt}{i}?", "response": " ok"}) + "\n" for i in range(8)))
+    assert cli.main(args[:-1] + [str(tmp_path / "w1"), "--set", f"data.train_file={empty}",
+                                 "--set", "data.eval_file="]) == 2
+    err = capsys.readouterr().err
+    assert "has no target tokens" in err and "Traceback" not in err
+    assert not (tmp_path / "w1" / "checkpoints").exists() and not (tmp_path / "w1" / "metrics.jsonl").exists()
+
+    teacher = Path(args[args.index("--set") + 3].split("=", 1)[1])  # objective.teacher=<folder>
+    other = tmp_path / "teacher_other_tokenizer"
+    shutil.copytree(teacher, other)
+    tok = json.loads((other / "tokenizer.json").read_text())
+    vocab = tok["model"]["vocab"]
+    a, b = sorted(k for k, v in vocab.items() if v in (10, 11))  # swap two ids: same size, other tokens
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    (other / "tokenizer.json").write_text(json.dumps(tok))
+    assert cli.main(args[:-1] + [str(tmp_path / "w2"), "--set", f"objective.teacher={other}"]) == 2
+    err = capsys.readouterr().err
+    assert "has another tokenizer than the student" in err and "Traceback" not in err

@@ -188,7 +188,7 @@ def run(args) -> int:
         plot_reliability_diagram({LABELS[m]: table["_arrays"][m] for m in ("sft_gold", "word_kd", "first_top5",
                                                                            "first_top5_tau1")},
                                  out / "reliability_sft_vs_first.png", n_bins=10,
-                                 title="Student calibration on the evaluation answers (all seeds)")
+                                 title="Student calibration (all seeds)")
         results["distillation"] = {"student": "base-small", "teacher": "tuned-large", "seeds": list(seeds),
                                    "steps": distill_fit.steps, "transfer": dataclasses.asdict(tc),
                                    "primary_comparison": list(PRIMARY_COMPARISON),

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -70,9 +71,29 @@ def _load_model(path: str, dtype, what: str):
 
 
 def _write_json_line(path: Path, obj: dict) -> None:
+    """Append one whole line, flushed and fsynced (a crash leaves whole lines; resume truncates the rest)."""
     with path.open("a") as f:
         f.write(json.dumps(obj) + "\n")
         f.flush()
+        os.fsync(f.fileno())
+
+
+def _last_eval(path: Path, step: int) -> dict:
+    lines = [json.loads(l) for l in path.read_text().splitlines()] if path.exists() else []
+    evals = [l for l in lines if l.get("step") == step and any(k.startswith("eval_") for k in l)]
+    return {k: v for k, v in evals[-1].items() if k != "step"} if evals else {}
+
+
+def _check_same_tokenizer(tokenizer, path: str, role: str, student_path: str) -> None:
+    """A frozen model's folder with a tokenizer must tokenize like the student's: the objectives compare
+    distributions id by id, so two vocabularies of the same size but other tokens would be silently wrong."""
+    if not any((Path(path) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
+        return  # no tokenizer saved with the model: the user vouches for it
+    from transformers import AutoTokenizer
+    other = AutoTokenizer.from_pretrained(path)
+    if other.get_vocab() != tokenizer.get_vocab():
+        raise UserError(f"the {role} {path} has another tokenizer than the student ({student_path}); distillation "
+                        "here compares distributions token id by token id, so both must share one tokenizer")
 
 
 def _truncate_metrics(path: Path, upto_step: int) -> int:
@@ -153,6 +174,15 @@ def train(config: TrainConfig, workdir: str | Path, *, mesh=None, progress: bool
     eval_data = (load_batches(d.eval_file, tokenizer, seed=config.seed, shuffle=False,
                               **{**data_kwargs, "pack": False})  # every eval example whole, in file order
                  if d.eval_file else None)
+
+    # A row's first token is never scored (no position predicts it); unpacked rows are cut at max_length.
+    end = None if d.pack else d.max_length
+    if not any(int(np.sum(e.loss_mask[1:end])) for e in train_data.examples):
+        raise UserError(f"{d.train_file} has no target tokens within data.max_length={d.max_length}: every "
+                        "response is empty or cut off; give records with a non-empty \"response\" (or \"text\"), "
+                        "or raise data.max_length")
+    for role, path in objective.frozen_models().items():
+        _check_same_tokenizer(tokenizer, path, role, config.model.tokenizer or config.model.student)
 
     from proxytune_jax.models import partition_rules
     student = _load_model(config.model.student, _dtype(config.model.param_dtype), "student")
@@ -265,8 +295,10 @@ def train(config: TrainConfig, workdir: str | Path, *, mesh=None, progress: bool
                                          else _device_batches(hosts, mesh)),
                           start=start, total=config.steps, steps_per_call=config.steps_per_call, cut_every=cut,
                           on_call=on_call, bar=bar)
-        if eval_src:
+        if eval_src and start < config.steps:
             log["eval"] = run_eval(state, config.steps)
+        elif eval_src:  # a finished run rerun as it was: its final evaluation is already logged, once
+            log["eval"] = _last_eval(metrics_file, config.steps)
     finally:
         bar.close()
         ckpt.close()

@@ -16,7 +16,7 @@ from typing import ClassVar
 import jax.numpy as jnp
 
 from proxytune_jax.errors import UserError
-from proxytune_jax.training.objectives.base import Objective
+from proxytune_jax.training.objectives.base import DataContext, Objective
 from proxytune_jax.training.objectives.common import (LossTerm, count, distillation_loss, frozen_logits,
                                                       model_logits, resolve_terms, row_masks, shifted,
                                                       token_cross_entropy)
@@ -84,6 +84,13 @@ class OfflineLogits(_Distillation):
     an in-memory dataset of ``training.fit`` provides them (the toy world computes them once per dataset)."""
 
     name: ClassVar[str] = "offline_logits"
+
+    def attach(self, data: DataContext):
+        if data.path:
+            raise UserError(f"objective offline_logits reads teacher logits stored with in-memory data "
+                            f"(training.fit); {data.path} is a file: use online_distillation (the teacher runs in "
+                            "the step) or offline_topk (a top-k cache of the file)")
+        return None
 
     def loss_fn(self, student, frozen_graphdefs):
         return _distill_loss_fn(self.terms(), self.kd_weight, self.ce_weight, student,
