@@ -9,20 +9,11 @@ from hypothesis import given, settings, strategies as st
 import jax
 import jax.numpy as jnp
 
+from conftest import np_log_softmax, np_softmax
 from proxytune_jax.decoding import fusion
 from proxytune_jax.errors import UserError
 
 B, V = 3, 40
-
-
-def np_log_softmax(x):
-    x = np.asarray(x, np.float64)
-    m = np.max(x, axis=-1, keepdims=True)
-    return x - m - np.log(np.sum(np.exp(x - m), axis=-1, keepdims=True))
-
-
-def np_softmax(x):
-    return np.exp(np_log_softmax(x))
 
 
 def np_top_p_keep(logits, p):
@@ -179,3 +170,21 @@ def test_registry_errors():
         np.testing.assert_array_equal(np.asarray(out), np.ones((1, 3)))
     finally:
         del fusion.FUSION_RULES["test_only_max"]
+
+
+def test_combine_fills_each_rules_defaults_and_refuses_unknown_names():
+    """`combine(rule, logits, {})` uses the rule's own defaults (it used to raise KeyError); an unknown name is
+    a UserError naming the rule's hyperparameters."""
+    from proxytune_jax.errors import UserError
+    checked = 0
+    for name, rule in fusion.FUSION_RULES.items():
+        xs = [jax.random.normal(jax.random.key(i), (2, 7)) for i in range(len(rule.roles))]
+        if rule.required:
+            continue
+        np.testing.assert_array_equal(np.asarray(fusion.combine(name, xs, {})),
+                                      np.asarray(fusion.combine(name, xs, dict(rule.defaults))))
+        checked += 1
+    assert checked >= 5
+    xs = [jax.random.normal(jax.random.key(i), (2, 7)) for i in range(3)]
+    with pytest.raises(UserError, match="has no hyperparameter.*alpha"):
+        fusion.combine("proxy_tuning", xs, {"alfa": 1.0})

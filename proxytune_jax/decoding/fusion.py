@@ -243,8 +243,9 @@ def small_large_kl(logits, params):
 # ----------------------------------------------------------------------------------------------------------
 
 
-def combine(rule: str | FusionRule, logits: Sequence[jax.Array], params: Params) -> jax.Array:
-    """Apply ``rule`` to per-model raw logits ``[B, V]`` (log-softmaxed first when the rule reads log-probs)."""
+def combine(rule: str | FusionRule, logits: Sequence[jax.Array], params: Params | None = None) -> jax.Array:
+    """Apply ``rule`` to per-model raw logits ``[B, V]`` (log-softmaxed first when the rule reads log-probs).
+    ``params`` may leave out any hyperparameter that has a default (``resolve_params``)."""
     rule = get_rule(rule)
     if not rule.num_models_ok(len(logits)):
         raise UserError(f"rule {rule.name!r} takes models {rule.roles}{' (+ more pairs)' if rule.variadic else ''}"
@@ -252,4 +253,4 @@ def combine(rule: str | FusionRule, logits: Sequence[jax.Array], params: Params)
     xs = [x.astype(jnp.float32) for x in logits]
     if rule.inputs == "logprobs":
         xs = [jax.nn.log_softmax(x, axis=-1) for x in xs]
-    return rule.fn(xs, params)
+    return rule.fn(xs, resolve_params(rule, params))
