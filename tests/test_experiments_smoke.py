@@ -43,7 +43,8 @@ def in_unit(x) -> bool:
 
 def test_every_script_is_covered():
     covered = {"proxy_tune_llama2", "summarization_fusion", "code_adaptation", "task_tuning",
-               "distill_sinkd_glue", "distill_losses", "distill_first", "distill_bayesian", "toyworld_seeds"}
+               "distill_sinkd_glue", "distill_losses", "distill_first", "distill_bayesian", "toyworld_seeds",
+               "sinkhorn_gradients"}
     assert set(SCRIPTS) <= covered, f"add a smoke test for {sorted(set(SCRIPTS) - covered)}"
     for name in SCRIPTS:
         doc = (REPO / "experiments" / f"{name}.py").read_text()
@@ -127,3 +128,10 @@ def test_toyworld_seeds(tmp_path):
     for b in ("base-large", "tuned-small"):  # margins are the differences of the accuracies above
         assert r["summary"][b]["margins"] == [pytest.approx(row["proxy-tuned-large"] - row[b])]
         assert isinstance(r["summary"][b]["holds"], bool)
+
+
+def test_sinkhorn_gradients(capsys):
+    module = importlib.import_module("experiments.sinkhorn_gradients")
+    out = module.main(["--cases", "4", "--modes", "unrolled"])
+    assert sum(out["unrolled"].values()) == 0
+    assert "| noise std | cases | unrolled non-finite |" in capsys.readouterr().out

@@ -1,12 +1,13 @@
-"""``proxytune generate``: proxy-tuned (or plain) decoding of local Hugging Face checkpoints, JSONL in and out.
+"""``proxytune generate``: proxy-tuned (or plain) decoding of Hugging Face checkpoints, JSONL in and out.
 
     proxytune generate --target DIR [--expert DIR --anti-expert DIR] [--rule proxy_tuning] [--alpha 1.0]
         [--expert-chat-template] (--prompt TEXT | --prompts FILE.jsonl) --max-new-tokens N [--temperature 0]
         [--top-p 1.0] [--top-k 0] [--seed 0] [--batch-size 8] [--stop STR ...] [--analysis] --output OUT.jsonl
 
-With only ``--target`` it is plain decoding of that model. Every fusion rule of
-:mod:`proxytune_jax.decoding.fusion` is reachable with ``--rule``; the large model is always ``--target``
-and the other roles have their own flags (:func:`role_flag`)::
+Each DIR is a local folder or a Hugging Face Hub id (``org/name``) resolved through the HF cache (a local folder
+wins; ``HF_HUB_OFFLINE=1`` reads the cache only). With only ``--target`` it is plain decoding of that model.
+Every fusion rule of :mod:`proxytune_jax.decoding.fusion` is reachable with ``--rule``; the large model is
+always ``--target`` and the other roles have their own flags (:func:`role_flag`)::
 
     --rule proxy_tuning | dexperts   --target BASE --expert TUNED --anti-expert UNTUNED
     --rule eft                       --target BASE (--expert E --anti-expert A)... --param weights=1,0.5
@@ -48,7 +49,7 @@ def role_flag(rule_name: str, role: str) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--target", required=True, help="the base (large) model folder")
+    parser.add_argument("--target", required=True, help="the base (large) model folder or Hub id")
     parser.add_argument("--expert", action="append", default=[],
                         help="the tuned small model folder (repeat with --anti-expert for several pairs, --rule eft)")
     parser.add_argument("--anti-expert", dest="anti_expert", action="append", default=[],
@@ -180,9 +181,9 @@ def read_prompts(args) -> list[str]:
 
 
 def check_model_dir(flag: str, value: str) -> Path:
-    path = Path(value)
-    if not path.is_dir():
-        raise UserError(f"{flag} {value}: no such folder; pass a local Hugging Face model folder")
+    """The local folder of a model flag: a folder, or a Hub id resolved through the Hugging Face cache."""
+    from proxytune_jax.models.hub import resolve_model_path
+    path = resolve_model_path(value, what=flag)
     if not (path / "config.json").is_file():
         raise UserError(f"{flag} {value} has no config.json; pass a Hugging Face model folder "
                         "(config.json + *.safetensors + tokenizer files)")

@@ -131,7 +131,7 @@ _TABLE = [
     LossSpec("sinkd", S.sinkd, {"temperature": 2.0, "epsilon": 0.1, "num_iters": 20, "weight": 0.001},
              summary="batch-wise Sinkhorn distance, released-code form (SinKD, Cui et al. 2024)"),
     LossSpec("sinkhorn_ott", S.sinkhorn_ott, {"temperature": 2.0, "epsilon": 0.1, "weight": 1.0, "threshold": 1e-4,
-                                              "max_iterations": 2000, "implicit_diff": True},
+                                              "max_iterations": 2000, "implicit_diff": False},
              summary="batch-wise Sinkhorn distance solved by ott-jax to convergence"),
     LossSpec("topk_kl", F.topk_kl, {"temperature": 1.0, "mode": "renormalize"}, teacher="topk",
              per_position=F.topk_kl_per_position, choices={"mode": F.MODES},

@@ -1,5 +1,8 @@
 """Hugging Face folders <-> Flax models: ``load_pretrained`` and ``save_pretrained``.
 
+``load_pretrained`` also takes a Hub id (``org/name``), resolved through the Hugging Face cache
+(``proxytune_jax.models.hub``).
+
 A folder holds ``config.json`` and either ``model.safetensors`` or shards listed in
 ``model.safetensors.index.json``. Each family declares ``HF_NAMES``: ``(our path regex, HF name template,
 transpose?)``, e.g. ``model/layers/3/self_attn/q_proj/weight`` <-> ``model.layers.3.self_attn.q_proj.weight``
@@ -26,6 +29,7 @@ from tqdm.auto import tqdm
 
 from proxytune_jax.errors import UserError
 from proxytune_jax.models import abstract_model, config_from_hf, family_of, partition_rules
+from proxytune_jax.models.hub import resolve_model_path
 from proxytune_jax.sharding import spec_for
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -68,15 +72,20 @@ def _weight_files(path: Path) -> dict[str, Path]:
 
 
 def load_pretrained(path: str | os.PathLike, dtype=jnp.float32, *, mesh: Mesh | None = None,
-                    progress: bool = True):
-    """A Flax model from a local Hugging Face folder (config.json + safetensors, single or sharded).
+                    progress: bool = True, revision: str | None = None):
+    """A Flax model from a Hugging Face folder (config.json + safetensors, single or sharded) or Hub id.
+
+    ``path`` is a local folder or a Hub id (``org/name``), fetched through the Hugging Face cache (at
+    ``revision``, default ``main``; ``HF_HUB_OFFLINE=1`` reads the cache only): see
+    :func:`proxytune_jax.models.hub.resolve_model_path`; an existing local folder always wins.
 
     Params are cast to ``dtype`` (float32 or bfloat16; logits are float32 either way). With ``mesh``, each
     tensor is placed directly with its family's partition rules (no full copy on one device).
     Raises UserError for a folder without config.json, an unsupported model_type, and missing or
     mis-shaped tensors (all named). ``progress=False`` hides the per-tensor progress bar.
     """
-    path = Path(path)
+    label = Path(os.fspath(path)).name  # a Hub id's name, not its snapshot's commit hash
+    path = resolve_model_path(path, revision=revision)
     config_file = path / "config.json"
     if not config_file.is_file():
         raise UserError(f"{path} has no config.json; pass a Hugging Face model folder "
@@ -91,7 +100,7 @@ def load_pretrained(path: str | os.PathLike, dtype=jnp.float32, *, mesh: Mesh | 
 
     missing, misshaped, used, loaded = [], [], set(), []
     handles: dict[Path, object] = {}
-    for our_path, var in tqdm(params, desc=f"loading {path.name}", unit="tensor", leave=False, disable=not progress):
+    for our_path, var in tqdm(params, desc=f"loading {label}", unit="tensor", leave=False, disable=not progress):
         name, transpose = hf_name(our_path, family.HF_NAMES)
         if name not in files and prefix and name.startswith(prefix) and name[len(prefix):] in files:
             name = name[len(prefix):]

@@ -63,11 +63,11 @@ def _dtype(name: str):
     return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
 
 
-def _load_model(path: str, dtype, what: str):
+def _load_model(path: str | Path, dtype, what: str):
+    """A model from a local folder or a Hub id (``models.hub.resolve_model_path``; a local folder wins)."""
     from proxytune_jax.models.hf_io import load_pretrained
-    if not Path(path).is_dir():
-        raise UserError(f"{what} folder {path} does not exist; pass a Hugging Face model folder")
-    return load_pretrained(path, dtype=dtype)
+    from proxytune_jax.models.hub import resolve_model_path
+    return load_pretrained(resolve_model_path(path, what=what), dtype=dtype)
 
 
 def _write_json_line(path: Path, obj: dict) -> None:
@@ -161,8 +161,15 @@ def train(config: TrainConfig, workdir: str | Path, *, mesh=None, progress: bool
     if primary:
         write_json_atomic(config_file, config.to_dict())
 
+    # Model paths may be Hub ids: each is resolved once to a local folder (the HF cache's snapshot).
     from transformers import AutoTokenizer
-    tokenizer = AutoTokenizer.from_pretrained(config.model.tokenizer or config.model.student)
+
+    from proxytune_jax.models.hub import resolve_model_path
+    student_dir = resolve_model_path(config.model.student, what="student")
+    tokenizer_dir = (resolve_model_path(config.model.tokenizer, what="tokenizer") if config.model.tokenizer
+                     else student_dir)
+    frozen_dirs = {role: resolve_model_path(path, what=role) for role, path in objective.frozen_models().items()}
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
 
     mesh = mesh or make_mesh(config.mesh)
     if primary and progress:
@@ -181,17 +188,17 @@ def train(config: TrainConfig, workdir: str | Path, *, mesh=None, progress: bool
         raise UserError(f"{d.train_file} has no target tokens within data.max_length={d.max_length}: every "
                         "response is empty or cut off; give records with a non-empty \"response\" (or \"text\"), "
                         "or raise data.max_length")
-    for role, path in objective.frozen_models().items():
+    for role, path in frozen_dirs.items():
         _check_same_tokenizer(tokenizer, path, role, config.model.tokenizer or config.model.student)
 
     from proxytune_jax.models import partition_rules
-    student = _load_model(config.model.student, _dtype(config.model.param_dtype), "student")
+    student = _load_model(student_dir, _dtype(config.model.param_dtype), "student")
     graphdef, params = split_params(student)
     rules = partition_rules(student.config)
     del student
 
     frozen, frozen_graphdefs = {}, {}
-    for role, path in objective.frozen_models().items():
+    for role, path in frozen_dirs.items():
         model = _load_model(path, jnp.float32, role)
         fg, fp = split_params(model)
         frozen[role] = put_global(fp, tree_shardings(fp, partition_rules(model.config), mesh))

@@ -28,14 +28,17 @@ from proxytune_jax.training.data import Example, read_jsonl, tokenize_records
 
 def build_topk_cache(teacher_dir: str | Path, data_file: str | Path, out: str | Path, *, k: int = 5,
                      tokenizer: Any = None, batch_size: int = 8, max_length: int | None = None) -> Path:
-    """Run the teacher over every example of ``data_file`` and write its top-k cache to ``out``."""
+    """Run the teacher (a folder or a Hub id) over every example of ``data_file`` and write its top-k cache
+    to ``out``."""
     from flax import nnx
     from transformers import AutoTokenizer
 
     from proxytune_jax.losses.first import TopKCacheWriter, topk_from_logits
     from proxytune_jax.models.hf_io import load_pretrained
+    from proxytune_jax.models.hub import resolve_model_path
     from proxytune_jax.training.state import split_params
 
+    teacher_dir = resolve_model_path(teacher_dir, what="teacher")  # a folder or a Hub id
     tokenizer = tokenizer or AutoTokenizer.from_pretrained(teacher_dir)
     teacher = load_pretrained(teacher_dir)
     limit = max_length or teacher.config.max_position_embeddings
