@@ -12,9 +12,17 @@ proxy-tuning's expert / anti-expert / base need.
 The tokenizer is a byte-level BPE (every string encodes) of ``TINY_VOCAB_SIZE`` tokens:
 ``<pad>``=0, ``<s>``=1 (prepended by ``add_special_tokens=True``), ``</s>``=2, ``<unk>``=3, with a one-line
 chat template. torch is imported only inside these fixtures.
+
+Plain helpers the test files import (``from conftest import ...``): ``np_log_softmax`` / ``np_softmax``
+(float64 NumPy references), ``write_jsonl`` (rows -> a JSONL file) and ``plus_rows`` (prompt/response
+arithmetic rows). Tiny *JAX* models are built with the library's ``proxytune_jax.models.small_llama_config``.
 """
 from __future__ import annotations
 
+import json
+import os
+
+import numpy as np
 import pytest
 
 TINY_VOCAB_SIZE = 300
@@ -42,6 +50,33 @@ TINY_KINDS: dict[str, tuple[str, dict]] = {
         bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID, resid_pdrop=0.0, embd_pdrop=0.0,
         attn_pdrop=0.0)),
 }
+
+
+
+def np_log_softmax(x, t: float = 1.0) -> np.ndarray:
+    """float64 ``log_softmax(x / t)`` over the last axis (the NumPy reference of the tests)."""
+    z = np.asarray(x, np.float64) / t
+    mx = z.max(-1, keepdims=True)
+    return z - mx - np.log(np.exp(z - mx).sum(-1, keepdims=True))
+
+
+def np_softmax(x, t: float = 1.0) -> np.ndarray:
+    """float64 ``softmax(x / t)`` over the last axis."""
+    return np.exp(np_log_softmax(x, t))
+
+
+def write_jsonl(path, rows) -> str:
+    """Write ``rows`` (JSON-serialisable dicts) one per line to ``path`` (parent folders made); ``str(path)``."""
+    os.makedirs(os.path.dirname(os.fspath(path)) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    return str(path)
+
+
+def plus_rows(n: int) -> list[dict]:
+    """``n * n`` prompt/response rows "q: a plus b?" -> " a: a+b" for a, b in range(n)."""
+    return [{"prompt": f"q: {a} plus {b}?", "response": f" a: {a + b}"} for a in range(n) for b in range(n)]
+
 
 _CORPUS = [
     "the quick brown fox jumps over the lazy dog",

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
+from conftest import plus_rows, write_jsonl
 from proxytune_jax.checkpoint import QUARANTINE, Checkpointer, abstract_tree, is_complete
 from proxytune_jax.errors import UserError
 from proxytune_jax.sharding import MeshConfig, make_mesh, replicated
@@ -154,8 +155,7 @@ def kill_setup(tiny_checkpoint, tmp_path_factory):
     from proxytune_jax.training.config import TrainConfig
     work = tmp_path_factory.mktemp("kill")
     data = work / "train.jsonl"
-    rows = [{"prompt": f"q: {a} plus {b}?", "response": f" a: {a + b}"} for a in range(6) for b in range(6)]
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_jsonl(data, plus_rows(6))
     from proxytune_jax.training import CheckpointConfig, DataConfig, ModelConfig, OnlineDistillation, OptimConfig
     cfg = TrainConfig(model=ModelConfig(student=str(tiny_checkpoint("llama", seed=1))),
                       objective=OnlineDistillation(

@@ -9,18 +9,11 @@ import random
 import pandas as pd
 import pytest
 
+from conftest import write_jsonl
 from proxytune_jax.data import (alpaca, chat_prompt, cnn_dailymail, gsm8k, humaneval, tasks, toxigen, triviaqa,
                                 truthfulqa)
 from proxytune_jax.data.prompts import PromptExample, append_prefix, user_turn, write_prompts_jsonl
 from proxytune_jax.errors import UserError
-
-
-def write_jsonl(path, rows):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
-    return str(path)
 
 
 GSM_ROWS = [

@@ -217,16 +217,15 @@ MESH_SCRIPT = r'''
 import os, json, sys
 import numpy as np, jax
 assert jax.device_count() == 8, jax.device_count()
-from proxytune_jax.models import LlamaConfig, init_model
+from proxytune_jax.models import init_model, small_llama_config
 from proxytune_jax.decoding.engine import Decoder
 from proxytune_jax.decoding.prompts import left_pad
 from proxytune_jax.decoding.stopping import make_stop_criteria
 from proxytune_jax.sharding import MeshConfig, make_mesh
-base = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
-            head_dim=8, max_position_embeddings=64, eos_token_id=2)
-models = [init_model(LlamaConfig(num_hidden_layers=3, **base), seed=0),
-          init_model(LlamaConfig(num_hidden_layers=2, **base), seed=1),
-          init_model(LlamaConfig(num_hidden_layers=2, **base), seed=2)]
+base = dict(vocab_size=96, hidden_size=32, num_heads=4, num_kv_heads=2, pad_token_id=None)
+models = [init_model(small_llama_config(num_layers=3, **base), seed=0),
+          init_model(small_llama_config(num_layers=2, **base), seed=1),
+          init_model(small_llama_config(num_layers=2, **base), seed=2)]
 rng = np.random.default_rng(0)
 prompts = [list(rng.integers(3, 96, size=n)) for n in (5, 9, 3, 7)]
 batch = [left_pad(prompts, 16)] * 3

@@ -5,13 +5,12 @@ import pytest
 
 @pytest.fixture(scope="module")
 def model_and_tokenizer():
-    from proxytune_jax.models import LlamaConfig, init_model
+    from proxytune_jax.models import init_model, small_llama_config
     from proxytune_jax.toyworld.tokenizer import train_tokenizer
 
     tok = train_tokenizer(["the cat sat on the mat .", "a dog ran in the park today .", "yes no maybe"])
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                      num_attention_heads=2, num_key_value_heads=2, head_dim=8, max_position_embeddings=32,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    cfg = small_llama_config(len(tok), 16, 1, 2, max_positions=32, bos_token_id=tok.bos_token_id,
+                             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     return init_model(cfg, seed=1), tok
 
 

@@ -8,14 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import np_log_softmax
 from proxytune_jax import losses as L
 from proxytune_jax.errors import UserError
-
-
-def np_log_softmax(x, t=1.0):
-    z = np.asarray(x, np.float64) / t
-    mx = z.max(-1, keepdims=True)
-    return z - mx - np.log(np.exp(z - mx).sum(-1, keepdims=True))
 
 
 def np_topk_kl(s, ids, logp, mask, tau, mode):

@@ -1,13 +1,17 @@
-"""Config parsing: real-world config.json dicts (transformers 4 and 5 layouts), round trips, and RoPE
-frequencies against transformers' own implementation."""
+"""Config parsing: real-world config.json dicts (transformers 4 and 5 layouts), round trips, RoPE
+frequencies against transformers' own implementation, and the small-model factory ``small_llama_config``."""
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 import transformers
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-from conftest import TINY_KINDS
-from proxytune_jax.models import GPT2Config, LlamaConfig, config_from_hf
+import proxytune_jax as pj
+from conftest import TINY_KINDS, TINY_VOCAB_SIZE
+from proxytune_jax.errors import UserError
+from proxytune_jax.models import GPT2Config, LlamaConfig, config_from_hf, init_model, small_llama_config
 from proxytune_jax.models.llama import rope_inv_freq
 
 # meta-llama/Llama-3.1-8B-Instruct config.json (transformers 4 layout: rope_scaling + top-level rope_theta).
@@ -84,3 +88,45 @@ def test_rope_frequencies_match_transformers(rope):
         expected, _ = ROPE_INIT_FUNCTIONS[rope_type](hf_config, "cpu")
     ours = rope_inv_freq(config_from_hf(hf_config.to_dict()))
     np.testing.assert_allclose(ours, expected.numpy(), rtol=1e-6, atol=0)
+
+
+def test_small_llama_config_defaults_and_errors():
+    c = small_llama_config(100, 24, 1, 2)
+    assert (c.model_type, c.intermediate_size, c.num_key_value_heads, c.head_dim) == ("llama", 48, 2, 12)
+    assert (c.max_position_embeddings, c.rope_type, c.tie_word_embeddings) == (64, "default", False)
+    assert (c.bos_token_id, c.eos_token_id, c.pad_token_id) == (1, 2, 0)
+    assert small_llama_config(100, 24, 1, 2, eos_token_id=[2, 5], pad_token_id=None).eos_token_id == (2, 5)
+    hash(c)
+    with pytest.raises(UserError, match="not a multiple of num_heads"):
+        small_llama_config(100, 30, 1, 4)
+    with pytest.raises(UserError, match="multiple of num_key_value_heads"):
+        small_llama_config(100, 24, 1, 4, num_kv_heads=3)
+
+
+def test_small_llama_config_round_trips_and_transformers_reads_it(tmp_path):
+    """small_llama_config -> init_model -> save_pretrained -> load_pretrained: the same config and logits;
+    transformers reads the folder as a LlamaConfig with the same numbers and computes the same logits."""
+    cfg = small_llama_config(TINY_VOCAB_SIZE, 32, 2, 4, num_kv_heads=2, intermediate_size=48, max_positions=48,
+                             tie_word_embeddings=True, rms_norm_eps=1e-5, rope_theta=500.0)
+    model = init_model(cfg, seed=0)
+    pj.save_pretrained(model, tmp_path)
+    loaded = pj.load_pretrained(tmp_path, progress=False)
+    # from_hf sets rope_original_max_position_embeddings (read only by llama3 RoPE) to max_position_embeddings.
+    assert loaded.config.rope_original_max_position_embeddings == 48
+    assert dataclasses.replace(loaded.config, rope_original_max_position_embeddings=8192) == cfg
+    ids = np.random.default_rng(0).integers(3, TINY_VOCAB_SIZE, (2, 7)).astype(np.int32)
+    ours = np.asarray(model(ids)[0])
+    np.testing.assert_array_equal(np.asarray(loaded(ids)[0]), ours)
+
+    hf = transformers.AutoConfig.from_pretrained(tmp_path)
+    assert isinstance(hf, transformers.LlamaConfig)
+    assert (hf.vocab_size, hf.hidden_size, hf.intermediate_size, hf.num_hidden_layers, hf.num_attention_heads,
+            hf.num_key_value_heads, hf.head_dim, hf.max_position_embeddings) == (TINY_VOCAB_SIZE, 32, 48, 2, 4, 2,
+                                                                                  8, 48)
+    assert (hf.rms_norm_eps, hf.tie_word_embeddings, hf.hidden_act) == (1e-5, True, "silu")
+    assert (hf.bos_token_id, hf.eos_token_id, hf.pad_token_id) == (1, 2, 0)
+    assert config_from_hf(hf.to_dict()) == loaded.config
+    torch_model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        theirs = torch_model(torch.tensor(ids, dtype=torch.long)).logits.numpy()
+    np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-4)

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import plus_rows, write_jsonl
 from proxytune_jax import cli
 from proxytune_jax.errors import UserError
 from proxytune_jax.losses import LOSSES, LossSpec, get_loss, register_loss
@@ -60,8 +61,7 @@ USER_CONFIG = textwrap.dedent('''
 
 
 def test_an_objective_registered_outside_the_package_trains_and_resumes(tiny_checkpoint, tmp_path, capsys):
-    rows = [{"prompt": f"q: {a} plus {b}?", "response": f" a: {a + b}"} for a in range(6) for b in range(6)]
-    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_jsonl(tmp_path / "train.jsonl", plus_rows(6))
     config = tmp_path / "my_objective.py"
     config.write_text(f"STUDENT = {str(tiny_checkpoint('llama', seed=1))!r}\n"
                       f"TRAIN = {str(tmp_path / 'train.jsonl')!r}\n" + USER_CONFIG)

@@ -85,12 +85,10 @@ def test_instruction_rows_train_only_the_response(world, tokenizer):
 def tiny_batch(tokenizer, world):
     """A tiny student and a batch of 2 gold + 2 transfer rows carrying every signal the table's objectives
     read (random teacher logits, their top-5, a uniform prior)."""
-    from proxytune_jax.models import LlamaConfig, init_model
+    from proxytune_jax.models import init_model, small_llama_config
     from proxytune_jax.toyworld.distill import _pad_last_position
 
-    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                      num_attention_heads=2, num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
-                      bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=True)
+    cfg = small_llama_config(len(tokenizer), 16, 1, 2, tie_word_embeddings=True)
     model = init_model(cfg, seed=0)
     rows = encode_instructions(tokenizer, world.tune[:4])
     rng = np.random.default_rng(0)

@@ -22,7 +22,7 @@ from hypothesis import given, settings, strategies as st
 
 from proxytune_jax.models import layers
 from proxytune_jax.models.attention import MASK_VALUE, attend, attend_causal, causal_blocks
-from proxytune_jax.models.llama import LlamaConfig, LlamaForCausalLM
+from proxytune_jax.models.llama import LlamaForCausalLM, small_llama_config
 from proxytune_jax.training.objectives import model_logits
 from proxytune_jax.training.state import split_params
 
@@ -195,8 +195,8 @@ def test_causal_blocks_and_attend_causal_errors():
 
 
 def test_model_logits_equal_sliced_model_logits_in_value_and_gradient():
-    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=32)
+    config = small_llama_config(64, 32, 2, 4, num_kv_heads=2, intermediate_size=48, max_positions=32,
+                                pad_token_id=None)
     from flax import nnx
     model = LlamaForCausalLM(config, rngs=nnx.Rngs(0))
     graphdef, params = split_params(model)
@@ -276,8 +276,7 @@ def test_cpu_train_step_splits_its_temporaries_into_small_heaps_and_computes_the
     from proxytune_jax.training.step import make_train_step
     from proxytune_jax.xla_options import CPU_HEAP_BYTES, compiler_options
 
-    config = LlamaConfig(vocab_size=512, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64)
+    config = small_llama_config(512, 32, 2, 4, num_kv_heads=2, intermediate_size=48, pad_token_id=None)
     model = LlamaForCausalLM(config, rngs=nnx.Rngs(0))
     graphdef, params = split_params(model)
     mesh = make_mesh(MeshConfig())

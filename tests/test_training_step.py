@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import proxytune_jax as pj
+from conftest import np_log_softmax, write_jsonl
 from proxytune_jax.errors import UserError
 from proxytune_jax.models import partition_rules
 from proxytune_jax.sharding import MeshConfig, make_mesh, put_global_batch
@@ -36,7 +37,7 @@ def setup(tiny_checkpoint, tmp_path_factory):
     from transformers import AutoTokenizer
     work = tmp_path_factory.mktemp("step")
     data_file = work / "train.jsonl"
-    data_file.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    write_jsonl(data_file, ROWS)
     sdir = tiny_checkpoint("llama", seed=1)
     tdir = tiny_checkpoint("llama", seed=2, hidden_size=64, intermediate_size=96)
     tok = AutoTokenizer.from_pretrained(sdir)
@@ -55,11 +56,6 @@ def _torch_logits(torch_lm, path, batch):
     return out.double().numpy()[:, :-1]
 
 
-def _log_softmax(x):
-    x = x - x.max(-1, keepdims=True)
-    return x - np.log(np.exp(x).sum(-1, keepdims=True))
-
-
 def test_sft_and_online_distillation_losses_match_torch_and_numpy(setup, torch_lm):
     batch = setup["data"].batch(0)
     g, params = split_params(setup["student"])
@@ -69,9 +65,9 @@ def test_sft_and_online_distillation_losses_match_torch_and_numpy(setup, torch_l
     m = ((batch["loss_mask"][:, 1:] > 0) & (batch["attention_mask"][:, 1:] > 0)
          & (batch["attention_mask"][:, :-1] > 0)).astype(np.float64)
     assert m.sum() > 0
-    ce = -(np.take_along_axis(_log_softmax(s_np), labels[..., None], -1)[..., 0] * m).sum() / m.sum()
+    ce = -(np.take_along_axis(np_log_softmax(s_np), labels[..., None], -1)[..., 0] * m).sum() / m.sum()
     tau = 2.0
-    lp, lq = _log_softmax(t_np / tau), _log_softmax(s_np / tau)
+    lp, lq = np_log_softmax(t_np / tau), np_log_softmax(s_np / tau)
     kl = ((np.exp(lp) * (lp - lq)).sum(-1) * m).sum() / m.sum()
 
     jb = jax.tree.map(jnp.asarray, batch)

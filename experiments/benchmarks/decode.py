@@ -28,22 +28,18 @@ import numpy as np
 
 from proxytune_jax.decoding.engine import Decoder
 from proxytune_jax.decoding.stopping import make_stop_criteria
-from proxytune_jax.models import LlamaConfig, init_model
+from proxytune_jax.models import init_model, small_llama_config
 from proxytune_jax.models.hf_io import save_pretrained
 
-SIZES = {
+SIZES = {  # small_llama_config arguments (head_dim = hidden_size / num_heads = 64; full multi-head attention)
     # ~220M: 12 layers x 12.8M + 2 x 32.8M embeddings/head (untied, like Llama-2)
-    "target": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=12, num_attention_heads=16,
-                   num_key_value_heads=16, head_dim=64),
+    "target": dict(hidden_size=1024, intermediate_size=2816, num_layers=12, num_heads=16),
     # ~35M: 6 layers x 1.8M + 2 x 12.3M
-    "small": dict(hidden_size=384, intermediate_size=1024, num_hidden_layers=6, num_attention_heads=6,
-                  num_key_value_heads=6, head_dim=64),
+    "small": dict(hidden_size=384, intermediate_size=1024, num_layers=6, num_heads=6),
 }
-TINY = {
-    "target": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                   num_key_value_heads=4, head_dim=32),
-    "small": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
-                  num_key_value_heads=2, head_dim=32),
+TINY = {  # head_dim 32
+    "target": dict(hidden_size=128, intermediate_size=256, num_layers=2, num_heads=4),
+    "small": dict(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=2),
 }
 
 
@@ -126,10 +122,10 @@ def main() -> None:
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
     sizes = TINY if args.tiny else SIZES
-    common = dict(vocab_size=32000 if not args.tiny else 512, max_position_embeddings=256, eos_token_id=2)
-    target = init_model(LlamaConfig(**common, **sizes["target"]), seed=0)
-    expert = init_model(LlamaConfig(**common, **sizes["small"]), seed=1)
-    anti = init_model(LlamaConfig(**common, **sizes["small"]), seed=2)
+    common = dict(vocab_size=32000 if not args.tiny else 512, max_positions=256, pad_token_id=None)
+    target = init_model(small_llama_config(**common, **sizes["target"]), seed=0)
+    expert = init_model(small_llama_config(**common, **sizes["small"]), seed=1)
+    anti = init_model(small_llama_config(**common, **sizes["small"]), seed=2)
     p_t, p_s = n_params(target), n_params(expert)
     print(f"load average at start: {os.getloadavg()} (the machine is shared: figures are noisy)")
     print(f"params: target {p_t / 1e6:.1f}M, small {p_s / 1e6:.1f}M (x2); fp32; torch threads "

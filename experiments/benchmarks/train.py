@@ -44,15 +44,11 @@ from pathlib import Path
 
 import numpy as np
 
-SIZES = {  # (student, teacher) overrides of a Llama config
-    "tiny": (dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, head_dim=16),
-             dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
-                  num_key_value_heads=2, head_dim=32)),
-    "small": (dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8,
-                   num_key_value_heads=4, head_dim=32),
-              dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=6, num_attention_heads=8,
-                   num_key_value_heads=4, head_dim=64)),
+SIZES = {  # (student, teacher) small_llama_config arguments (head_dim = hidden_size / num_heads)
+    "tiny": (dict(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2),
+             dict(hidden_size=128, intermediate_size=256, num_layers=4, num_heads=4, num_kv_heads=2)),
+    "small": (dict(hidden_size=256, intermediate_size=688, num_layers=4, num_heads=8, num_kv_heads=4),
+              dict(hidden_size=512, intermediate_size=1376, num_layers=6, num_heads=8, num_kv_heads=4)),
 }
 VOCAB = 1024
 CE_WEIGHT = 0.1
@@ -61,11 +57,12 @@ CE_WEIGHT = 0.1
 def make_models(root: Path, size: str):
     import torch
     import transformers
+
+    from proxytune_jax.models import small_llama_config
     paths = []
     for name, over, seed in (("student", SIZES[size][0], 1), ("teacher", SIZES[size][1], 2)):
-        cfg = transformers.LlamaConfig(vocab_size=VOCAB, max_position_embeddings=512, rms_norm_eps=1e-5,
-                                       bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False,
-                                       **over)
+        ours = small_llama_config(VOCAB, max_positions=512, rms_norm_eps=1e-5, **over)
+        cfg = transformers.LlamaConfig(**ours.to_hf_dict())  # a PyTorch checkpoint with transformers' init
         torch.manual_seed(seed)
         model = transformers.LlamaForCausalLM(cfg)
         with torch.no_grad():  # peaked (not near-uniform) distributions, like a trained model

@@ -44,11 +44,12 @@ def arithmetic(n: int, seed: int) -> list[dict]:
     return out
 
 
-def llama_config(vocab: int, hidden: int, layers: int) -> dict:
-    return {"model_type": "llama", "vocab_size": vocab, "hidden_size": hidden, "intermediate_size": 2 * hidden,
-            "num_hidden_layers": layers, "num_attention_heads": 4, "num_key_value_heads": 2,
-            "head_dim": hidden // 4, "max_position_embeddings": 64, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
-            "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0, "tie_word_embeddings": False}
+def llama_config(vocab: int, hidden: int, layers: int):
+    """A tiny Llama (4 query heads over 2 kv heads, MLP 2 x hidden, untied, 64 positions)."""
+    from proxytune_jax.models import small_llama_config
+
+    return small_llama_config(vocab, hidden, layers, 4, num_kv_heads=2, max_positions=64, rms_norm_eps=1e-5,
+                              bos_token_id=1, eos_token_id=2, pad_token_id=0)
 
 
 def main(argv=None) -> int:
@@ -58,7 +59,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     from proxytune_jax import save_pretrained
-    from proxytune_jax.models import config_from_hf, init_model
+    from proxytune_jax.models import init_model
     from proxytune_jax.training import (SFT, CheckpointConfig, DataConfig, ModelConfig, OptimConfig, TrainConfig,
                                         train)
 
@@ -71,7 +72,7 @@ def main(argv=None) -> int:
     tokenizer.save_pretrained(out / "tokenizer")
     vocab = len(tokenizer)
     for name, hidden, seed in (("teacher_init", 64, 0), ("student", 32, 1)):
-        model = init_model(config_from_hf(llama_config(vocab, hidden, 2)), seed=seed)
+        model = init_model(llama_config(vocab, hidden, 2), seed=seed)
         save_pretrained(model, out / name)
         tokenizer.save_pretrained(out / name)
     if args.teacher_steps > 0:

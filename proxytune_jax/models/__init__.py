@@ -1,7 +1,8 @@
 """Flax NNX causal LMs that load Hugging Face checkpoints (one file per family).
 
->>> from proxytune_jax.models import config_from_hf, init_model
+>>> from proxytune_jax.models import config_from_hf, init_model, small_llama_config
 >>> model = init_model(config_from_hf({"model_type": "llama", ...}), seed=0)
+>>> tiny = init_model(small_llama_config(vocab_size=300, hidden_size=32, num_layers=2, num_heads=4), seed=0)
 >>> logits, cache = model(input_ids, attention_mask, model.init_cache(batch, max_len))
 """
 from __future__ import annotations
@@ -13,7 +14,7 @@ from proxytune_jax.errors import UserError
 from proxytune_jax.models import gpt2, llama
 from proxytune_jax.models.cache import KVCache, positions_from_mask
 from proxytune_jax.models.gpt2 import GPT2Config, GPT2LMHeadModel
-from proxytune_jax.models.llama import LlamaConfig, LlamaForCausalLM
+from proxytune_jax.models.llama import LlamaConfig, LlamaForCausalLM, small_llama_config
 
 # model_type -> (family module, config class, model class)
 FAMILIES = {
@@ -69,5 +70,5 @@ def partition_rules(config: Config):
 __all__ = [
     "SUPPORTED_MODEL_TYPES", "KVCache", "positions_from_mask", "LlamaConfig", "LlamaForCausalLM",
     "GPT2Config", "GPT2LMHeadModel", "config_from_hf", "init_model", "abstract_model", "partition_rules",
-    "family_of", "model_class",
+    "family_of", "model_class", "small_llama_config",
 ]

@@ -187,6 +187,42 @@ def _json_ids(ids: TokenIds):
     return list(ids) if isinstance(ids, tuple) else ids
 
 
+def small_llama_config(vocab_size: int, hidden_size: int, num_layers: int, num_heads: int, *,
+                       intermediate_size: int | None = None, num_kv_heads: int | None = None,
+                       head_dim: int | None = None, max_positions: int = 64, tie_word_embeddings: bool = False,
+                       bos_token_id: TokenIds = 1, eos_token_id: TokenIds = 2, pad_token_id: TokenIds = 0,
+                       rms_norm_eps: float = 1e-6, rope_theta: float = 10000.0,
+                       model_type: str = "llama") -> LlamaConfig:
+    """A Llama-architecture ``LlamaConfig`` from the few numbers a small (toy, test, benchmark) model needs.
+
+    The one place where the library, its tests and experiments build a model config by hand (real
+    checkpoints come from ``config_from_hf``). Defaults: ``intermediate_size = 2 * hidden_size``,
+    ``num_kv_heads = num_heads`` (full multi-head attention), ``head_dim = hidden_size // num_heads``, RoPE
+    ``"default"`` with base ``rope_theta``, SiLU MLP, no biases, and the special-token ids of the package's
+    tiny tokenizers (``<pad>``=0, ``<s>``=1, ``</s>``=2; pass a tokenizer's ids, or ``None`` for none).
+
+    >>> cfg = small_llama_config(300, 32, 2, 4, num_kv_heads=2)
+    >>> model = init_model(cfg, seed=0)                     # proxytune_jax.models.init_model
+    >>> save_pretrained(model, "out")                       # transformers' LlamaForCausalLM loads "out"
+
+    Raises UserError when ``hidden_size`` is not a multiple of ``num_heads`` (without an explicit
+    ``head_dim``) or ``num_heads`` not a multiple of ``num_kv_heads``.
+    """
+    if head_dim is None:
+        if hidden_size % num_heads:
+            raise UserError(f"small_llama_config: hidden_size={hidden_size} is not a multiple of "
+                            f"num_heads={num_heads}; pass head_dim explicitly")
+        head_dim = hidden_size // num_heads
+    return LlamaConfig(
+        model_type=model_type, vocab_size=vocab_size, hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size if intermediate_size is None else intermediate_size,
+        num_hidden_layers=num_layers, num_attention_heads=num_heads,
+        num_key_value_heads=num_heads if num_kv_heads is None else num_kv_heads, head_dim=head_dim,
+        max_position_embeddings=max_positions, rms_norm_eps=rms_norm_eps, rope_theta=rope_theta,
+        tie_word_embeddings=tie_word_embeddings, bos_token_id=_token_ids(bos_token_id),
+        eos_token_id=_token_ids(eos_token_id), pad_token_id=_token_ids(pad_token_id))
+
+
 # ------------------------------------------------------------------------------------------------ RoPE
 
 

@@ -109,14 +109,15 @@ class ToyWorld:
 
 
 def llama_config(size: ModelSize, tokenizer, max_length: int, rope_theta: float = 10000.0):
-    from proxytune_jax.models import LlamaConfig
+    """The ``LlamaConfig`` of a toy model of ``size`` (``models.small_llama_config``; tied embeddings, full
+    multi-head attention, the tokenizer's vocabulary and special-token ids)."""
+    from proxytune_jax.models import small_llama_config
 
-    return LlamaConfig(model_type="llama", vocab_size=len(tokenizer), hidden_size=size.hidden_size,
-                       intermediate_size=size.intermediate_size, num_hidden_layers=size.num_layers,
-                       num_attention_heads=size.num_heads, num_key_value_heads=size.num_heads,
-                       head_dim=size.hidden_size // size.num_heads, max_position_embeddings=max_length,
-                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                       pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True, rope_theta=rope_theta)
+    return small_llama_config(len(tokenizer), size.hidden_size, size.num_layers, size.num_heads,
+                              intermediate_size=size.intermediate_size, max_positions=max_length,
+                              tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+                              eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                              rope_theta=rope_theta)
 
 
 def tokenizer_texts(world: World) -> list[str]:
