@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
@@ -29,6 +29,41 @@ def np_kl(p, r):
     with np.errstate(divide="ignore", invalid="ignore"):
         terms = np.where(p > 0, p * (np.log(np.where(p > 0, p, 1)) - np.log(r)), 0.0)
     return terms.sum(-1)
+
+
+def np_akl_head_weight(p, q, mu=0.5, ties="lower_id_first"):
+    """Head weight ``s1/(s1+s2)`` of AKL, transcribed from the released code (Wu et al. 2024, arXiv 2404.02657;
+    github.com/wutaiqiang/LLM_KD_AKL, ``AKL.py``, ``get_ratio``), in float64:
+
+        re_teacher_probs, idx = teacher_probs.sort(dim=-1, descending=True)
+        errors = |re_teacher_probs - student_probs.gather(idx)|
+        mask = cumsum(re_teacher_probs) > mu;  mask[..., 0] = False     # mask = tail
+        s1 = errors summed off the mask (head), s2 = on the mask (tail)
+
+    Ties are broken by a stable sort (lower token id first; ``ties="higher_id_first"`` flips it, to show that
+    the choice matters). ``s1 + s2 = 0`` (p == q) gives ½ here (the library's convention; released: 0/0).
+    """
+    p, q = np.asarray(p, np.float64), np.asarray(q, np.float64)
+    if ties == "lower_id_first":
+        idx = np.argsort(-p, axis=-1, kind="stable")
+    else:
+        idx = p.shape[-1] - 1 - np.argsort(-p[..., ::-1], axis=-1, kind="stable")
+    re_p, re_q = np.take_along_axis(p, idx, -1), np.take_along_axis(q, idx, -1)
+    errors = np.abs(re_p - re_q)
+    mask = np.cumsum(re_p, axis=-1) > mu
+    mask[..., 0] = False
+    s1 = np.where(mask, 0.0, errors).sum(-1)
+    s2 = np.where(mask, errors, 0.0).sum(-1)
+    denom = s1 + s2
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(denom > 0, s1 / np.where(denom > 0, denom, 1.0), 0.5)
+
+
+def np_akl_released(p, q, mu=0.5, ties="lower_id_first"):
+    """Released AKL (``AKL.py``: ``get_kl(teacher, student)·h_ratio + get_kl(student, teacher)·l_ratio``)."""
+    p, q = np.asarray(p, np.float64), np.asarray(q, np.float64)
+    h = np_akl_head_weight(p, q, mu, ties)
+    return h * np_kl(p, q) + (1.0 - h) * np_kl(q, p)
 
 
 def np_per_position(name, s, t, labels=None, temperature=1.0, **kw):
@@ -55,16 +90,7 @@ def np_per_position(name, s, t, labels=None, temperature=1.0, **kw):
         a = kw.get("alpha", 0.1)
         return np_kl(q, (1 - a) * p + a * q)
     if name == "adaptive_kl":
-        mu = kw.get("mu", 0.5)
-        out = np.zeros(p.shape[:-1])
-        for idx in np.ndindex(*p.shape[:-1]):
-            order = np.argsort(p[idx], kind="stable")
-            ps, qs = p[idx][order], q[idx][order]
-            tail = np.cumsum(ps) < mu
-            gap = np.abs(ps - qs)
-            gh, gt = gap[~tail].sum(), gap[tail].sum()
-            out[idx] = (gh * np_kl(p[idx], q[idx]) + gt * np_kl(q[idx], p[idx])) / (gh + gt)
-        return out
+        return np_akl_released(p, q, kw.get("mu", 0.5))
     if name == "uld":
         ps, qs = -np.sort(-p, -1), -np.sort(-q, -1)
         w = max(ps.shape[-1], qs.shape[-1])
@@ -309,6 +335,166 @@ def test_vocab_128k_tiny_batch():
         assert bool(jnp.all(jnp.isfinite(g)))
         ref = np_masked_mean(np_per_position(name, s, t), np.ones(2, bool))
         assert float(val) == pytest.approx(ref, rel=1e-4), name
+
+
+# ------------------------------------------------------------------------------- AKL: the released head/tail split
+def _probs(logits, temperature=1.0):
+    return np.exp(np_log_softmax(logits, temperature))
+
+
+def _log(p):
+    return np.log(np.asarray(p, np.float64)).astype(np.float32)
+
+
+AKL_PER = jax.jit(L.adaptive_kl_per_position)  # mu and temperature traced: one compile per shape
+
+
+def test_akl_released_example():
+    """p = [.4, .3, .2, .1], μ = 0.5: inclusive cumsums .4 | .7 .9 1 -> head = {0} (the old ascending `< μ` rule,
+    one token off, put token 1 in the head too and gave 0.3595)."""
+    p, q = [.4, .3, .2, .1], [.5, .05, .15, .3]
+    ref = float(np_akl_released(p, q, 0.5))
+    assert round(ref, 4) == 0.3230
+    assert float(np_akl_head_weight(p, q, 0.5)) == pytest.approx(0.1 / 0.6)
+    got = float(L.adaptive_kl(_log(q), _log(p), mu=0.5))
+    assert got == pytest.approx(ref, rel=1e-5) and round(got, 4) == 0.3230
+
+
+def test_akl_ties_straddling_mu_lower_id_first():
+    """Four equal teacher probabilities (ids 1, 3, 4, 6) below the top token (id 5); μ cuts the tie group after
+    0..3 of them: those in the head are the lowest ids. The student differs on the tied tokens, so the tie order
+    changes the loss (checked against the reversed order)."""
+    t = np.array([-1.0, 1.0, -2.0, 1.0, 1.0, 2.0, 1.0, -1.5], np.float32)
+    s = np.array([0.0, 3.0, 0.0, 2.0, -3.0, 1.0, -2.0, 0.0], np.float32)
+    p, q = _probs(t), _probs(s)
+    tie = p[1]
+    for n_in in range(4):
+        mu = p[5] + (n_in + 0.5) * tie
+        ref = float(np_akl_released(p, q, mu))
+        assert float(L.adaptive_kl(s, t, mu=mu)) == pytest.approx(ref, rel=1e-5), n_in
+        assert float(AKL_PER(s, t, mu=mu)) == pytest.approx(ref, rel=1e-5), n_in
+        if n_in:
+            assert abs(ref - float(np_akl_released(p, q, mu, ties="higher_id_first"))) > 1e-3
+
+
+@pytest.mark.parametrize("mu", [0.0, 0.1, 0.5, 0.7])
+def test_akl_ties_at_the_top(mu):
+    """A uniform teacher (every token tied with the top one) and a teacher with two equal maxima: the head is a
+    prefix of the ids (at least the lowest-id top token); vmapped (the tie branch becomes a select) == batched."""
+    t = np.stack([np.zeros(5), [3.0, -1.0, 3.0, 0.0, 2.0], [0.0, 4.0, 1.0, 4.0, 4.0]]).astype(np.float32)
+    s = np.stack([[1.0, -1.0, 2.0, 0.0, 0.5], [0.0, 2.0, -1.0, 1.0, 0.0], [2.0, 0.0, 1.0, -2.0, 1.0]]).astype(np.float32)
+    ref = np_akl_released(_probs(t), _probs(s), mu)
+    np.testing.assert_allclose(np.asarray(AKL_PER(s, t, mu=mu)), ref, rtol=1e-5, atol=1e-7)
+    vm = jax.vmap(lambda a, b: L.adaptive_kl_per_position(a, b, mu=mu))(s, t)
+    np.testing.assert_allclose(np.asarray(vm), ref, rtol=1e-5, atol=1e-7)
+
+
+def test_akl_mu_zero_keeps_only_the_top_token_and_mu_one_is_forward_kl(data):
+    s, t, mask, _ = data
+    p, q = _probs(t), _probs(s)
+    ref0 = np_akl_released(p, q, 0.0)
+    gap = np.abs(p - q)
+    top = np.take_along_axis(gap, np.argmax(p, -1)[..., None], -1)[..., 0]
+    h = top / gap.sum(-1)  # μ = 0: the head is the top token alone
+    np.testing.assert_allclose(ref0, h * np_kl(p, q) + (1 - h) * np_kl(q, p), rtol=1e-12)
+    np.testing.assert_allclose(np.asarray(AKL_PER(s, t, mu=0.0)), ref0, rtol=1e-5)
+    assert float(L.adaptive_kl(s, t, mask, mu=0.0)) == pytest.approx(np_masked_mean(ref0, mask), rel=1e-5)
+    # μ = 1: every inclusive cumsum is <= 1, so everything is head and AKL = forward KL.
+    assert float(L.adaptive_kl(s, t, mask, mu=1.0)) == pytest.approx(float(L.forward_kl(s, t, mask)), rel=1e-6)
+    pd = np.array([0.5, 0.25, 0.125, 0.0625, 0.0625])  # dyadic: the float64 cumsum is exact, its last entry is 1
+    qd = np.array([0.1, 0.2, 0.3, 0.2, 0.2])
+    assert float(np_akl_released(pd, qd, 1.0)) == pytest.approx(float(np_kl(pd, qd)), rel=1e-12)
+    assert float(L.adaptive_kl(_log(qd), _log(pd), mu=1.0)) == pytest.approx(float(np_kl(pd, qd)), rel=1e-5)
+    with pytest.raises(UserError):
+        L.adaptive_kl(s, t, mu=1.5)
+    with pytest.raises(UserError):
+        L.adaptive_kl(s, t, mu=-0.1)
+
+
+def test_akl_masked_positions_and_row_blocks():
+    """75 rows (more than one CPU search block of 32, not a multiple of it: padded): masked rows (NaN logits)
+    are ignored, the others match the released rule."""
+    rng = np.random.default_rng(7)
+    s = rng.normal(size=(5, 15, 40)).astype(np.float32) * 2
+    t = rng.normal(size=(5, 15, 40)).astype(np.float32) * 3
+    t[..., :3] = t[..., 3:4]  # some ties
+    mask = rng.random((5, 15)) < 0.6
+    ref = np_akl_released(_probs(t), _probs(s), 0.4)
+    np.testing.assert_allclose(np.asarray(AKL_PER(s, t, mu=0.4)), ref, rtol=1e-5, atol=1e-7)
+    s2 = np.where(mask[..., None], s, np.nan).astype(np.float32)
+    t2 = np.where(mask[..., None], t, np.nan).astype(np.float32)
+    v, g = jax.value_and_grad(lambda x: L.adaptive_kl(x, t2, mask, mu=0.4))(s2)
+    assert float(v) == pytest.approx(np_masked_mean(ref, mask), rel=1e-5)
+    assert bool(jnp.all(jnp.isfinite(g))) and bool(jnp.all(jnp.where(mask[..., None], True, g == 0)))
+
+
+def test_akl_neg_inf_logits():
+    """-inf logits (probability 0 for teacher and student alike) fall in the tail with zero gap: same value as
+    the released rule on the probabilities, finite gradient, zero on those entries. A teacher -inf where the
+    student has mass makes reverse KL, hence AKL, +inf."""
+    rng = np.random.default_rng(11)
+    s = rng.normal(size=(4, 12)).astype(np.float32)
+    t = rng.normal(size=(4, 12)).astype(np.float32) * 2
+    s[:, [0, 5]] = -np.inf
+    t[:, [0, 5]] = -np.inf
+    t[1, 7] = s[1, 7] = -np.inf
+    ref = np_akl_released(_probs(t), _probs(s), 0.5)
+    v, g = jax.value_and_grad(lambda x: L.adaptive_kl(x, t))(s)
+    assert float(v) == pytest.approx(ref.mean(), rel=1e-5)
+    assert bool(jnp.all(jnp.isfinite(g))) and bool(jnp.all(g[:, [0, 5]] == 0)) and float(g[1, 7]) == 0.0
+    t3 = t.copy()
+    t3[2, 3] = -np.inf
+    assert float(L.adaptive_kl(s, t3)) == np.inf
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data())
+def test_akl_matches_the_released_rule(data):
+    """Random rows at V from 2 to 64 (teacher logits drawn from a few values half the time: many exact ties),
+    μ in [0, 1], τ in {0.5, 1, 2.5}, against the float64 transcription. Rows are padded to V = 64 with -inf
+    logits (zero probability: no effect, see test_akl_neg_inf_logits) so that one compile serves every V."""
+    v = data.draw(st.integers(2, 64), label="V")
+    few = st.sampled_from([-3.0, -1.0, 0.0, 0.5, 2.0])
+    t = data.draw(hnp.arrays(np.float32, (3, v), elements=data.draw(st.sampled_from([few, st.floats(-6, 6, width=32)]))))
+    s = data.draw(hnp.arrays(np.float32, (3, v), elements=st.floats(-6, 6, width=32)))
+    mu = data.draw(st.floats(0.0, 1.0), label="mu")
+    temperature = data.draw(st.sampled_from([0.5, 1.0, 2.5]), label="temperature")
+    p, q = _probs(t, temperature), _probs(s, temperature)
+    cum = np.cumsum(-np.sort(-p, -1), -1)
+    assume(bool(np.all(np.abs(cum - mu) > 1e-5)))  # μ not within rounding of a cumsum (float32 vs float64)
+    pad = np.full((3, 64 - v), -np.inf, np.float32)
+    got = np.asarray(AKL_PER(np.concatenate([s, pad], -1), np.concatenate([t, pad], -1),
+                             temperature=temperature, mu=mu))
+    np.testing.assert_allclose(got, np_akl_released(p, q, mu), rtol=2e-5, atol=2e-6)
+
+
+def test_akl_gradient_is_the_frozen_weight_mix():
+    """Gradient (student and teacher logits) = that of ``h·FKL + (1−h)·RKL`` with the released weights frozen,
+    in float32 and in float64 (the float64 search runs on 64-bit keys)."""
+    rng = np.random.default_rng(5)
+    s = rng.normal(size=(6, 37)).astype(np.float32) * 2
+    t = rng.normal(size=(6, 37)).astype(np.float32) * 2
+    t[:, 10:14] = t[:, 20:21]
+    tau, mu = 1.5, 0.4
+    h = np_akl_head_weight(_probs(t, tau), _probs(s, tau), mu)
+
+    def akl(x, y):
+        return jnp.sum(L.adaptive_kl_per_position(x, y, temperature=tau, mu=mu))
+
+    for dtype, rtol in [(np.float32, 2e-5), (np.float64, 1e-10)]:
+        with jax.enable_x64(dtype == np.float64):
+            x, y, hh = jnp.asarray(s, dtype), jnp.asarray(t, dtype), jnp.asarray(h, dtype)
+
+            def frozen(a, b, hh=hh):
+                return jnp.sum(hh * L.forward_kl_per_position(a, b, temperature=tau)
+                               + (1 - hh) * L.reverse_kl_per_position(a, b, temperature=tau))
+
+            v, (gs, gt) = jax.jit(jax.value_and_grad(akl, argnums=(0, 1)))(x, y)
+            vr, (rs, rt) = jax.jit(jax.value_and_grad(frozen, argnums=(0, 1)))(x, y)
+            assert v.dtype == dtype and bool(jnp.all(jnp.isfinite(gs))) and bool(jnp.all(jnp.isfinite(gt)))
+            assert float(v) == pytest.approx(float(vr), rel=rtol)
+            np.testing.assert_allclose(np.asarray(gs), np.asarray(rs), rtol=rtol, atol=rtol * 1e-2)
+            np.testing.assert_allclose(np.asarray(gt), np.asarray(rt), rtol=rtol, atol=rtol * 1e-2)
 
 
 def test_user_errors(data):

@@ -72,9 +72,10 @@ def test_adaptive_kl_gradient_treats_weights_as_constants(arrays):
         s64, t64 = jnp.asarray(s), jnp.asarray(t)
         p = np.asarray(jax.nn.softmax(t64, -1))
         q = np.asarray(jax.nn.softmax(s64, -1))
-        order = np.argsort(p, -1, kind="stable")
+        order = np.argsort(-p, -1, kind="stable")
         ps, qs = np.take_along_axis(p, order, -1), np.take_along_axis(q, order, -1)
-        tail = np.cumsum(ps, -1) < 0.5
+        tail = np.cumsum(ps, -1) > 0.5
+        tail[..., 0] = False
         gap = np.abs(ps - qs)
         gh, gt = np.where(tail, 0, gap).sum(-1), np.where(tail, gap, 0).sum(-1)
         wh, wt = gh / (gh + gt), gt / (gh + gt)

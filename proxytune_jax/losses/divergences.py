@@ -19,6 +19,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from proxytune_jax.errors import UserError
 from proxytune_jax.losses._common import (
@@ -27,6 +28,7 @@ from proxytune_jax.losses._common import (
     check_positive,
     check_unit_interval,
     kl_from_log_probs,
+    kl_terms,
     log_probs,
     masked_mean,
     reduce_loss,
@@ -113,33 +115,146 @@ def generalized_jsd_per_position(student_logits, teacher_logits, *, temperature=
     return beta * kl_from_log_probs(lp, lm) + (1.0 - beta) * kl_from_log_probs(lq, lm)
 
 
+# AKL head/tail split (released rule, without a sort) ------------------------------------------------------
+_AKL_CPU_BLOCK = 32  # rows per CPU search block: 32 rows at V = 32000 (4 MiB float32) stay in cache across passes
+
+
+def _akl_gaps_block(p, q, mu):
+    """``(g_head, g_tail)`` for rows ``p, q [N, V]`` (probabilities; not differentiated) by the released rule.
+
+    Released rule (Wu et al. 2024, ``AKL.py`` of github.com/wutaiqiang/LLM_KD_AKL, ``get_ratio``): sort the
+    teacher probabilities in descending order, take the inclusive cumulative sum ``C``; a token is *tail*
+    when ``C > mu``, except that the first (top) token is always *head*. Ties are ordered by token id (lower
+    id first, a stable sort). Since ``C`` never decreases, the head is the longest prefix of that order with
+    ``C <= mu`` (at least the top token).
+
+    Sort-free: with ``F(b) = Σ_j p_j·[key_j >= b]`` (``key`` = the float's bit pattern, which orders
+    non-negative floats), the smallest ``b0`` with ``F(b0) <= mu`` is found by a bisection over the integer
+    keys (a fixed number of vectorized O(V) passes: 30 in float32, 62 in float64). Every token with
+    ``key >= b0`` is head (its ``C <= F(b0) <= mu``); the level just below, value ``v`` (key ``b0 − 1``), holds
+    tokens whose ``C`` is ``F(b0) + c·v`` for the c-th of them by id, so it is head exactly when that is
+    ``<= mu``; every lower token has ``C >= F(b0 − 1) > mu``. The within-level rank ``c`` (an integer cumsum)
+    is only computed when some row has two or more tokens at that level and keeps at least one of them.
+    """
+    kdt = np.int32 if p.dtype == np.float32 else np.int64
+    key_one = int(np.ones((), p.dtype).view(kdt))
+    n_iter = (key_one + 2).bit_length()  # hi − lo <= key(1) + 2 at the start; each pass halves it (rounded up)
+
+    def val(k):
+        return jax.lax.bitcast_convert_type(jnp.maximum(k, 0), p.dtype)[..., None]
+
+    def mass_at_or_above(k):
+        return jnp.sum(jnp.where(p >= val(k), p, 0.0), axis=-1)
+
+    pmax = jnp.max(p, axis=-1)
+    top = jnp.argmax(p, axis=-1)  # the first maximal token: rank 0 of the stable descending order
+    hi = jax.lax.bitcast_convert_type(pmax, kdt) + 1  # F(hi) = 0 <= mu
+    lo = jnp.full_like(hi, -1)  # virtual: F(-1) = +inf > mu
+    f_hi = jnp.zeros(hi.shape, p.dtype)
+
+    def bisect(_, carry):
+        lo, hi, f_hi = carry
+        active = hi - lo > 1
+        mid = lo + (hi - lo) // 2
+        f_mid = mass_at_or_above(mid)
+        take = active & (f_mid <= mu)
+        return (jnp.where(active & ~take, mid, lo), jnp.where(take, mid, hi), jnp.where(take, f_mid, f_hi))
+
+    _, b0, f0 = jax.lax.fori_loop(0, n_iter, bisect, (lo, hi, f_hi))
+    v = val(b0 - 1)
+    level = (p == v) & (b0 > 0)[..., None]  # b0 = 0: every token has key >= b0, no partial level
+    count = jnp.sum(level, axis=-1)
+    partial = (count >= 2) & (f0 + v[..., 0] <= mu)
+    rank = jax.lax.cond(jnp.any(partial), lambda: jnp.cumsum(level, axis=-1, dtype=jnp.int32),
+                        lambda: level.astype(jnp.int32))  # 1-based rank by id within the level
+    ids = jax.lax.broadcasted_iota(jnp.int32, p.shape, p.ndim - 1)
+    head = ((p >= val(b0)) | (level & (f0[..., None] + rank.astype(p.dtype) * v <= mu))
+            | (ids == top[..., None]) | (jnp.asarray(mu) >= 1))  # mu >= 1: C <= 1 everywhere (exact arithmetic)
+    gap = jnp.abs(p - q)
+    g_head = jnp.sum(jnp.where(head, gap, 0.0), axis=-1)
+    g_tail = jnp.sum(jnp.where(head, 0.0, gap), axis=-1)
+    return g_head, g_tail
+
+
+def _akl_gaps(p, q, mu):
+    """``_akl_gaps_block`` over ``[..., V]``; on CPU in blocks of rows (``lax.map``) so that the ~30 search
+    passes over a block run in cache instead of streaming the whole ``[N, V]`` array from memory each time."""
+    lead, vocab = p.shape[:-1], p.shape[-1]
+    p2, q2 = p.reshape(-1, vocab), q.reshape(-1, vocab)
+    n = p2.shape[0]
+    block = _AKL_CPU_BLOCK
+    if jax.default_backend() != "cpu" or n <= block:
+        g_head, g_tail = _akl_gaps_block(p2, q2, mu)
+    else:
+        n_pad = -n % block
+        if n_pad:  # zero rows: all-head, zero gaps; dropped below
+            p2, q2 = (jnp.pad(x, ((0, n_pad), (0, 0))) for x in (p2, q2))
+        g_head, g_tail = jax.lax.map(lambda pq: _akl_gaps_block(pq[0], pq[1], mu),
+                                     (p2.reshape(-1, block, vocab), q2.reshape(-1, block, vocab)))
+        g_head, g_tail = g_head.reshape(-1)[:n], g_tail.reshape(-1)[:n]
+    return g_head.reshape(lead), g_tail.reshape(lead)
+
+
 def adaptive_kl_per_position(student_logits, teacher_logits, *, temperature=1.0, mu=0.5):
     """Adaptive KL (AKL, Wu et al. 2024): ``g_head/(g_head+g_tail)·FKL + g_tail/(g_head+g_tail)·RKL``.
 
-    Teacher probabilities are sorted ascending; a token belongs to the *tail* when the cumulative teacher mass
-    up to and including it (ascending order) is ``< mu``, else to the *head* (the released AKL rule; for
-    ``mu = 0.5`` the head is the smallest set of top tokens covering at least half of the teacher mass).
-    ``g = Σ |p − q|`` over each part; the weights are constants for the gradient (``stop_gradient``, as
-    released). When ``p == q`` (both gaps 0) the weights are ½/½ (the loss is 0 anyway).
-    Cost: one full sort of the vocabulary per position.
+    Head/tail split exactly as released (``get_ratio`` in ``AKL.py`` of github.com/wutaiqiang/LLM_KD_AKL,
+    arXiv 2404.02657): the teacher probabilities are sorted in *descending* order (ties: lower token id
+    first); a token is *tail* when the inclusive cumulative teacher mass up to it exceeds ``mu``
+    (``cumsum > mu``), except the top token, which is always *head*. E.g. ``p = [.4, .3, .2, .1]``, μ = 0.5:
+    head = {token 0} (cumsums .4 | .7, .9, 1.0). ``g = Σ |p − q|`` over each part; the weights are constants
+    for the gradient (``stop_gradient``; the released code detaches the student probabilities), so the
+    gradient is ``w_head·∇FKL + w_tail·∇RKL``. ``mu`` in [0, 1]: μ = 0 keeps only the top token in the head;
+    μ = 1 makes every token head (AKL = FKL). Differences from the released code, which are not about the
+    split: ``temperature`` divides both logit sets; ``-inf`` logits are probability 0 (the released code
+    replaces ±inf logits by 0 before its softmax); when ``p == q`` (both gaps 0) the weights are ½/½ (the
+    loss is 0 anyway) instead of 0/0.
+    Cost: no sort; the split is found by a bisection over the teacher probabilities (~30 vectorized O(V)
+    passes, see ``_akl_gaps_block``) on top of the two KLs.
     """
     check_positive("temperature", temperature)
+    check_unit_interval("mu", mu)
     lp = log_probs(teacher_logits, temperature)
     lq = log_probs(student_logits, temperature)
-    p = jnp.exp(lp)
-    q = jnp.exp(lq)
-    order = jnp.argsort(p, axis=-1)  # ascending
-    p_sorted = jnp.take_along_axis(p, order, axis=-1)
-    q_sorted = jnp.take_along_axis(q, order, axis=-1)
-    tail = jnp.cumsum(p_sorted, axis=-1) < mu
-    gap = jnp.abs(p_sorted - q_sorted)
-    g_head = jax.lax.stop_gradient(jnp.sum(jnp.where(tail, 0.0, gap), axis=-1))
-    g_tail = jax.lax.stop_gradient(jnp.sum(jnp.where(tail, gap, 0.0), axis=-1))
+    p = jax.lax.stop_gradient(jnp.exp(lp))
+    q = jax.lax.stop_gradient(jnp.exp(lq))
+    g_head, g_tail = _akl_gaps(p, q, mu)
     denom = g_head + g_tail
     safe = denom > 0
     w_head = jnp.where(safe, g_head / jnp.where(safe, denom, 1.0), 0.5)
     w_tail = jnp.where(safe, g_tail / jnp.where(safe, denom, 1.0), 0.5)
-    return w_head * kl_from_log_probs(lp, lq) + w_tail * kl_from_log_probs(lq, lp)
+    return _weighted_fkl_rkl(lp, lq, w_head, w_tail)
+
+
+@jax.custom_vjp
+def _weighted_fkl_rkl(lp, lq, w_fkl, w_rkl):
+    """``w_fkl·KL(p ‖ q) + w_rkl·KL(q ‖ p)`` per position from log-probabilities, in one pass over V.
+
+    Same value and zero handling as ``kl_from_log_probs`` (``kl_terms``); the weights get no gradient (they are
+    ``stop_gradient``-ed by the caller). The backward pass is written out as one fused elementwise pass, where
+    autodiff of the two double-``where`` sums makes several (``experiments/benchmarks/losses.py`` times AKL
+    against reverse KL). First-order reverse mode only, like the chunked path (no ``jvp``/Hessians).
+    """
+    return jnp.sum(w_fkl[..., None] * kl_terms(lp, lq) + w_rkl[..., None] * kl_terms(lq, lp), axis=-1)
+
+
+def _weighted_fkl_rkl_fwd(lp, lq, w_fkl, w_rkl):
+    return _weighted_fkl_rkl(lp, lq, w_fkl, w_rkl), (lp, lq, w_fkl, w_rkl)
+
+
+def _weighted_fkl_rkl_bwd(res, g):
+    # d/dlp p·(lp − lq) = p·(lp − lq + 1), d/dlq = −p (only where p > 0); the same with p, q swapped.
+    lp, lq, w_fkl, w_rkl = res
+    p, q = jnp.exp(lp), jnp.exp(lq)
+    a, b = (g * w_fkl)[..., None], (g * w_rkl)[..., None]
+    d = lp - lq
+    on_p, on_q = p > 0, q > 0
+    d_lp = jnp.where(on_p, a * p * (d + 1.0), 0.0) - jnp.where(on_q, b * q, 0.0)
+    d_lq = jnp.where(on_q, b * q * (1.0 - d), 0.0) - jnp.where(on_p, a * p, 0.0)
+    return d_lp, d_lq, jnp.zeros_like(w_fkl), jnp.zeros_like(w_rkl)
+
+
+_weighted_fkl_rkl.defvjp(_weighted_fkl_rkl_fwd, _weighted_fkl_rkl_bwd)
 
 
 def cross_entropy_per_position(logits, labels, *, temperature=1.0):
@@ -236,7 +351,8 @@ def generalized_jsd(student_logits, teacher_logits, mask=None, *, temperature=1.
 
 
 def adaptive_kl(student_logits, teacher_logits, mask=None, *, temperature=1.0, mu=0.5):
-    """Mean adaptive KL (AKL) with head/tail split at cumulative teacher mass ``mu`` (0.5)."""
+    """Mean adaptive KL (AKL): head/tail split of the teacher distribution at cumulative mass ``mu`` (0.5), as
+    released (see ``adaptive_kl_per_position``)."""
     return reduce_loss(adaptive_kl_per_position, student_logits, teacher_logits, mask,
                        temperature=temperature, mu=mu)
 

@@ -1,7 +1,8 @@
 """The toy world behind ``proxytune demo``: a generated domain with *knowledge* (invented people's coin
 counts, in a raw pretraining corpus) and *format* (worked answers ending in ``#### N``, only in instruction
 data), a word-level tokenizer in Hugging Face format, and four Llama models (base/tuned × small/large)
-trained with the library's own train step and cached as Hugging Face folders.
+trained by the library's trainer (``training.fit``) and cached as Hugging Face folders; ``transfer`` and
+``distill`` hold the distillation regime and its table.
 
 >>> from proxytune_jax.toyworld import ToyWorldConfig, build_toyworld
 >>> tw = build_toyworld(ToyWorldConfig())          # trains on first use, then cached
