@@ -157,7 +157,7 @@ def _max_diff(m1, m2) -> float:
 def test_objective_state_and_in_step_data_reach_the_loss(tiny_checkpoint):
     """The two hooks later objectives need: state carried in the train state (``init_state`` /
     ``update_state``: a step counter here, as TAID's schedule would be) and data made inside the step
-    (``generate``: here a per-row weight drawn from the step's key). Both are seen by the loss every step."""
+    (``make_generate``: here a per-row weight drawn from the step's key). Both are seen by the loss every step."""
     import dataclasses
     from typing import ClassVar
 
@@ -175,8 +175,10 @@ def test_objective_state_and_in_step_data_reach_the_loss(tiny_checkpoint):
         def update_state(self, state, step, metrics):
             return {"seen": state["seen"] + 1.0}
 
-        def generate(self, params, frozen, batch, rng):
-            return {**batch, "row_weight": jax.random.uniform(rng, batch["input_ids"].shape[:1]) + 1.0}
+        def make_generate(self, student, frozen_graphdefs):
+            def generate(params, frozen, batch, rng):
+                return {**batch, "row_weight": jax.random.uniform(rng, batch["input_ids"].shape[:1]) + 1.0}
+            return generate
 
         def loss_fn(self, student, frozen_graphdefs):
             def loss_fn(params, frozen, batch, rng, state):

@@ -317,7 +317,13 @@ def test_cpu_devices_refused_once_jax_has_started():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name,extra", [("sft", []), ("distill", []), ("first", []), ("bayes", []),
-                                        ("distill", ["objective.name=online_distillation_chunked"])])
+                                        ("distill", ["objective.name=online_distillation_chunked"]),
+                                        ("distill", ["objective.name=taid"]),
+                                        ("distill", ["objective.name=on_policy", "objective.max_new_tokens=4"]),
+                                        ("distill", ["objective.name=proxy_tuned_teacher",
+                                                     "objective.base=runs/tiny/teacher",
+                                                     "objective.expert=runs/tiny/teacher",
+                                                     "objective.anti_expert=runs/tiny/student"])])
 def test_every_tiny_config_trains_from_the_cli(name, extra, tmp_path_factory, monkeypatch, capsys):
     """`experiments/configs/make_tiny.py` then `proxytune train --config <each tiny config>`: every objective of
     the examples runs end to end from the command line (a few steps each; the configs' relative paths)."""
@@ -335,7 +341,7 @@ def test_every_tiny_config_trains_from_the_cli(name, extra, tmp_path_factory, mo
     monkeypatch.chdir(root)
     config = REPO / "experiments" / "configs" / f"{name}_tiny.py"
     capsys.readouterr()
-    workdir = f"runs/{name}" + ("_" + "_".join(e.split("=")[1] for e in extra) if extra else "")
+    workdir = f"runs/{name}" + ("_" + extra[0].split("=")[1] if extra else "")
     assert cli.main(["train", "--config", str(config), "--workdir", workdir, "--no-progress",
                      *[a for e in extra for a in ("--set", e)],
                      "--set", "steps=6", "--set", "optim.warmup_steps=2", "--set", "checkpoint.save_every=6",

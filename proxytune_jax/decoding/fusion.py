@@ -20,6 +20,7 @@ from typing import Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from proxytune_jax.decoding.sampling import top_p_mask
@@ -93,12 +94,12 @@ def resolve_params(rule: str | FusionRule, params: Mapping[str, object] | None =
     out = {}
     for k in sorted(set(rule.defaults) | set(params)):
         v = params.get(k, rule.defaults.get(k))
-        dtype = jnp.int32 if k == "steps" else jnp.float32
-        if not isinstance(v, jax.core.Tracer):
-            arr = jnp.asarray(v, dtype)
-            if not bool(jnp.all(jnp.isfinite(arr))):
+        dtype = np.int32 if k == "steps" else np.float32
+        if not isinstance(v, jax.core.Tracer):  # checked on the host: also inside a jit trace (a fused teacher)
+            arr = np.asarray(v, dtype)
+            if not np.all(np.isfinite(arr)):
                 raise UserError(f"rule {rule.name!r}: hyperparameter {k}={v!r} is not finite; pass a finite number")
-            v = arr
+            v = jnp.asarray(arr)
         out[k] = v
     return out
 

@@ -13,7 +13,7 @@ each function's docstring.
 Modules: ``divergences`` (KL family, JS, TVD, skew KL, generalized JSD, AKL, Hinton KD, ULD, cross-entropy),
 ``chunked`` (hidden states + LM head in position chunks), ``sinkd`` (SinKD, unrolled and ott-jax), ``first``
 (sparse top-k teacher, on-disk cache, temperature fit), ``bayesian`` (n-gram prior, posterior, objective),
-``registry`` (the table).
+``taid`` (TAID's interpolated teacher and its schedule), ``registry`` (the table).
 """
 from proxytune_jax.losses._common import masked_mean, reduce_loss
 from proxytune_jax.losses import bayesian as _bayesian
@@ -21,14 +21,16 @@ from proxytune_jax.losses import chunked as _chunked
 from proxytune_jax.losses import divergences as _divergences
 from proxytune_jax.losses import first as _first
 from proxytune_jax.losses import sinkd as _sinkd
+from proxytune_jax.losses import taid as _taid
 from proxytune_jax.losses.bayesian import *  # noqa: F401,F403
 from proxytune_jax.losses.chunked import *  # noqa: F401,F403
 from proxytune_jax.losses.divergences import *  # noqa: F401,F403
 from proxytune_jax.losses.first import *  # noqa: F401,F403
 from proxytune_jax.losses.sinkd import *  # noqa: F401,F403
+from proxytune_jax.losses.taid import *  # noqa: F401,F403
 from proxytune_jax.losses.registry import LOSSES, LossSpec, get_loss, per_position_losses, register_loss
 from proxytune_jax.losses import registry as _registry
 
 # note: the name `sinkd` is the loss function (the module stays importable as proxytune_jax.losses.sinkd)
 __all__ = sorted(set(_divergences.__all__) | set(_chunked.__all__) | set(_sinkd.__all__) | set(_first.__all__)
-                 | set(_bayesian.__all__) | set(_registry.__all__) | {"masked_mean", "reduce_loss"})
+                 | set(_bayesian.__all__) | set(_taid.__all__) | set(_registry.__all__) | {"masked_mean", "reduce_loss"})

@@ -27,6 +27,7 @@ from proxytune_jax.errors import UserError
 from proxytune_jax.losses import bayesian as B
 from proxytune_jax.losses import divergences as D
 from proxytune_jax.losses import first as F
+from proxytune_jax.losses import taid as TA
 S = importlib.import_module("proxytune_jax.losses.sinkd")  # the package's `sinkd` attribute is the loss function
 
 TEACHER_KINDS = ("logits", "topk", "sparse", "prior_posterior")
@@ -128,6 +129,8 @@ _TABLE = [
              uses_labels=True, summary="CE + λ·ULD (Boizard et al. 2024)"),
     LossSpec("cross_entropy", _label_cross_entropy, _TAU, per_position=_label_cross_entropy_per_position,
              uses_labels=True, summary="CE of the row's tokens: sequence-level KD on teacher-written rows"),
+    LossSpec("taid", TA.taid_loss, {"t": 0.4, "temperature": 1.0}, per_position=TA.taid_per_position,
+             summary="H(p_t, q), p_t = softmax((1−t)·sg(s) + t·z) (TAID; the taid objective schedules t)"),
     LossSpec("sinkd", S.sinkd, {"temperature": 2.0, "epsilon": 0.1, "num_iters": 20, "weight": 0.001},
              summary="batch-wise Sinkhorn distance, released-code form (SinKD, Cui et al. 2024)"),
     LossSpec("sinkhorn_ott", S.sinkhorn_ott, {"temperature": 2.0, "epsilon": 0.1, "weight": 1.0, "threshold": 1e-4,

@@ -2,7 +2,8 @@
 
 Modules (one idea each):
   ``objectives``  the ``Objective`` interface and the registry (SFT, online / chunked / offline-logit
-                  distillation, offline FIRST top-k, Bayesian KD); ``register_objective`` adds one
+                  distillation, offline FIRST top-k, Bayesian KD, TAID, on-policy GKD, a proxy-tuned
+                  teacher); ``register_objective`` adds one
   ``config``      ``TrainConfig``: a tree of typed dataclasses, config files and dotted ``--set`` overrides
   ``state``       ``TrainState`` pytree (step, params, opt_state, rng, objective state) and its shardings
   ``optim``       AdamW + warmup/cosine + global-norm clipping (``OptimConfig``, ``make_optimizer``)
@@ -17,9 +18,10 @@ Modules (one idea each):
 from proxytune_jax.training.config import (CheckpointConfig, DataConfig, ModelConfig, TrainConfig, apply_overrides,
                                            load_config)
 from proxytune_jax.training.data import Batches, DataPosition, load_batches, read_jsonl, tokenize_records
-from proxytune_jax.training.objectives import (OBJECTIVES, SFT, Bayesian, DataContext, LossTerm, Objective,
+from proxytune_jax.training.objectives import (OBJECTIVES, SFT, TAID, Bayesian, DataContext, LossTerm, Objective,
                                                OfflineLogits, OfflineTopK, OnlineDistillation,
-                                               OnlineDistillationChunked, get_objective, register_objective)
+                                               OnlineDistillationChunked, OnPolicyDistillation, ProxyTunedTeacher,
+                                               get_objective, register_objective)
 from proxytune_jax.training.optim import OptimConfig, learning_rate_schedule, make_optimizer
 from proxytune_jax.training.state import (TrainState, abstract_train_state, create_train_state, init_train_state,
                                           split_params, train_state_shardings)
@@ -37,7 +39,7 @@ __all__ = [
     "TrainConfig", "ModelConfig", "DataConfig", "CheckpointConfig", "apply_overrides", "load_config", "Batches",
     "DataPosition", "load_batches", "read_jsonl", "tokenize_records", "OBJECTIVES", "Objective", "DataContext",
     "LossTerm", "SFT", "OnlineDistillation", "OnlineDistillationChunked", "OfflineLogits", "OfflineTopK",
-    "Bayesian", "get_objective", "register_objective", "OptimConfig", "learning_rate_schedule", "make_optimizer",
+    "Bayesian", "TAID", "OnPolicyDistillation", "ProxyTunedTeacher", "get_objective", "register_objective", "OptimConfig", "learning_rate_schedule", "make_optimizer",
     "TrainState", "abstract_train_state", "create_train_state", "init_train_state", "split_params",
     "train_state_shardings", "make_train_step", "make_multi_step", "make_eval_step", "mean_metrics", "FitResult",
     "batch_orders", "fit", "run_steps", "train",

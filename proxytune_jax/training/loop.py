@@ -39,7 +39,7 @@ from proxytune_jax.sharding import (make_mesh, put_global, put_global_batch, put
                                     to_host, tree_shardings)
 from proxytune_jax.training.config import TrainConfig, check_resume_compatible
 from proxytune_jax.training.data import Batches, load_batches
-from proxytune_jax.training.objectives import DataContext, Objective
+from proxytune_jax.training.objectives import DataContext
 from proxytune_jax.training.optim import learning_rate_schedule, make_optimizer
 from proxytune_jax.training.state import abstract_train_state, init_train_state, split_params
 from proxytune_jax.training.step import make_eval_step, make_multi_step, make_train_step, mean_metrics
@@ -149,7 +149,8 @@ def train(config: TrainConfig, workdir: str | Path, *, mesh=None, progress: bool
     of a call's k steps once that call has finished.
     """
     config.validate()
-    objective = config.objective
+    objective = config.objective.bind_run(config.steps)
+    objective.validate()
     workdir = Path(workdir)
     primary = jax.process_index() == 0
     workdir.mkdir(parents=True, exist_ok=True)
@@ -242,7 +243,7 @@ def train(config: TrainConfig, workdir: str | Path, *, mesh=None, progress: bool
             metrics_file.unlink()  # no checkpoint: the run starts over
 
     loss_fn = objective.loss_fn(graphdef, frozen_graphdefs)
-    generate = None if type(objective).generate is Objective.generate else objective.generate
+    generate = objective.make_generate(graphdef, frozen_graphdefs)
     train_step = make_train_step(loss_fn, optimizer, mesh, state_shardings=shardings, frozen=frozen,
                                  grad_accum_steps=config.grad_accum_steps, learning_rate_fn=schedule,
                                  update_extras=objective.update_state, generate=generate)

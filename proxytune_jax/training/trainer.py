@@ -137,6 +137,7 @@ def fit(model: nnx.Module, data: dict[str, np.ndarray], objective: Objective, *,
     (``reuse_compiled``)."""
     from tqdm.auto import tqdm
 
+    objective = objective.bind_run(steps)
     objective.validate()
     seeds = tuple(int(s) for s in seeds)
     if not seeds:
@@ -171,7 +172,8 @@ def fit(model: nnx.Module, data: dict[str, np.ndarray], objective: Objective, *,
             loss_fn = objective.loss_fn(graphdef, frozen_graphdefs)
             step = make_train_step(loss_fn, optimizer, mesh, state_shardings=shardings, frozen=frozen,
                                    learning_rate_fn=learning_rate_schedule(optim),
-                                   update_extras=objective.update_state, generate=_generate(objective))
+                                   update_extras=objective.update_state,
+                                   generate=objective.make_generate(graphdef, frozen_graphdefs))
             cached = _seed_parallel(step, mesh, len(seeds))
             if reuse_compiled:
                 _STEP_CACHE[key] = cached
@@ -208,7 +210,3 @@ class TrainStepLike:
     def __call__(self, state, batch):
         return self.fn(state, batch, self.frozen)
 
-
-def _generate(objective: Objective):
-    gen = type(objective).generate
-    return None if gen is Objective.generate else objective.generate

@@ -9,6 +9,9 @@ name                            what it trains on
 ``offline_logits``              any full-logit loss against teacher logits stored with in-memory data
 ``offline_topk``                FIRST: a top-k teacher (on-disk cache or arrays), calibrated temperature
 ``bayesian``                    Bayesian KD: n-gram prior + proxy posterior from a closed-source teacher's text
+``taid``                        TAID: an interpolated teacher moving from the student to the teacher (state: t)
+``on_policy``                   GKD: outputs sampled from the student in the step with probability λ, any loss
+``proxy_tuned_teacher``         the proxy-tuned distribution of (base, expert, anti-expert) as the teacher
 =============================== ============================================================================
 
 Add one: subclass ``Objective`` as a frozen dataclass with a ``name`` and a ``loss_fn``, then
@@ -20,15 +23,20 @@ from proxytune_jax.training.objectives.bayesian import Bayesian, PriorAttacher
 from proxytune_jax.training.objectives.chunked import OnlineDistillationChunked
 from proxytune_jax.training.objectives.common import (LossTerm, model_logits, row_masks, shifted,
                                                       token_cross_entropy)
+from proxytune_jax.training.objectives.on_policy import OnPolicyDistillation
 from proxytune_jax.training.objectives.online import OfflineLogits, OnlineDistillation
+from proxytune_jax.training.objectives.proxy_teacher import ProxyTunedTeacher
 from proxytune_jax.training.objectives.sft import SFT
+from proxytune_jax.training.objectives.taid import TAID
 from proxytune_jax.training.objectives.topk import OfflineTopK
 
 # The registry, in one place.
-for _cls in (SFT, OnlineDistillation, OnlineDistillationChunked, OfflineLogits, OfflineTopK, Bayesian):
+for _cls in (SFT, OnlineDistillation, OnlineDistillationChunked, OfflineLogits, OfflineTopK, Bayesian, TAID,
+             OnPolicyDistillation, ProxyTunedTeacher):
     register_objective(_cls)
 del _cls
 
 __all__ = ["OBJECTIVES", "DataContext", "LossFn", "Objective", "get_objective", "register_objective", "SFT",
-           "OnlineDistillation", "OnlineDistillationChunked", "OfflineLogits", "OfflineTopK", "Bayesian",
+           "OnlineDistillation", "OnlineDistillationChunked", "OfflineLogits", "OfflineTopK", "Bayesian", "TAID",
+           "OnPolicyDistillation", "ProxyTunedTeacher",
            "PriorAttacher", "LossTerm", "model_logits", "row_masks", "shifted", "token_cross_entropy"]

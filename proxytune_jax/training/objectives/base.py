@@ -7,10 +7,13 @@ An objective is a frozen dataclass: its fields are its typed hyperparameters (th
   for a fused teacher). The trainer loads each and passes its params as ``frozen[role]``.
 - ``attach(data)``: host-side additions to each batch for a dataset (a teacher's top-k cache, an n-gram
   prior), or ``None``. ``data`` is a ``DataContext`` (the tokenized examples, the file, the tokenizer).
-- ``generate(params, frozen, batch, rng)``: data the objective makes *inside* the jitted step before the
-  gradient (student samples for on-policy distillation); outside the gradient. Default: the batch as it is.
+- ``make_generate(student, frozen_graphdefs)``: ``None`` (the default), or the pure
+  ``generate(params, frozen, batch, rng) -> batch`` that makes data *inside* the jitted step before the
+  gradient (student samples for on-policy distillation), under ``stop_gradient``.
 - ``init_state()`` / ``update_state(state, step, metrics)``: objective state carried in the train state
   (``TrainState.extras``, checkpointed with it; a schedule such as TAID's interpolation weight).
+- ``bind_run(total_steps)``: the objective for a run of ``total_steps`` optimizer steps (the trainer calls it
+  first; TAID's schedule needs the run's length). Default: itself.
 - ``loss_fn(student, frozen_graphdefs)``: the pure ``loss_fn(params, frozen, batch, rng, state) ->
   (loss, metrics)`` the step differentiates. ``metrics`` holds ``loss``, every term, and ``tokens`` (the
   number of counted positions: the batch weight in gradient accumulation and evaluation).
@@ -55,9 +58,13 @@ class Objective:
         del data
         return None
 
-    def generate(self, params, frozen, batch: dict, rng) -> dict:
-        del params, frozen, rng
-        return batch
+    def bind_run(self, total_steps: int) -> "Objective":
+        del total_steps
+        return self
+
+    def make_generate(self, student, frozen_graphdefs: dict) -> Callable[[Any, Any, dict, Any], dict] | None:
+        del student, frozen_graphdefs
+        return None
 
     def init_state(self) -> dict:
         return {}
