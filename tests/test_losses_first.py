@@ -117,10 +117,12 @@ def test_cache_round_trip_is_sharded_and_memory_mapped(tmp_path, data):
         ref = L.topk_from_logits(x, k) if len(x) else None
         assert got.ids.shape == (len(x), k)
         if len(x):
-            assert isinstance(got.ids, np.memmap) and isinstance(got.logp, np.memmap)  # views, not loads
+            assert isinstance(got.logp, np.memmap) and got.ids.dtype == np.int32  # log-probs: a view
             np.testing.assert_array_equal(np.asarray(got.ids), np.asarray(ref.ids))
             np.testing.assert_array_equal(np.asarray(got.logp), np.asarray(ref.logp).astype(np.float16))
-    assert os.path.getsize(tmp_path / "cache" / "shard_00000.ids") == 8 * k * 4  # raw int32, no header
+    assert os.path.getsize(tmp_path / "cache" / "shard_00000.ids") == 8 * k * 2  # raw uint16 (V < 65535)
+    assert os.path.getsize(tmp_path / "cache" / "shard_00000.logp") == 8 * k * 2  # raw float16, no header
+    assert cache.index["ids_dtype"] == "<u2"
     teacher, mask = cache.batch([2, 0, 1])
     assert teacher.ids.shape == (3, 9, k) and mask.sum(1).tolist() == [9, 5, 3]
     np.testing.assert_array_equal(teacher.ids[1, :5], np.asarray(cache[0].ids))

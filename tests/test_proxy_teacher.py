@@ -10,8 +10,10 @@ from flax import nnx
 from conftest import np_log_softmax
 
 
-@pytest.mark.parametrize("alpha", [1.0, 0.5])
-def test_loss_against_the_fused_teacher_matches_numpy(alpha):
+@pytest.mark.parametrize("alpha,own_rows", [(1.0, False), (0.5, False), (1.0, True)])
+def test_loss_against_the_fused_teacher_matches_numpy(alpha, own_rows):
+    """``own_rows``: the base and the anti-expert read their own prompts (another prompt, more padding) with
+    the same response in the same columns, as proxy-tuning feeds them the plain prompt."""
     from proxytune_jax.models import init_model, small_llama_config
     from proxytune_jax.training import ProxyTunedTeacher
 
@@ -26,6 +28,13 @@ def test_loss_against_the_fused_teacher_matches_numpy(alpha):
     lm = np.zeros_like(ids)
     lm[:, 4:] = 1
     batch = {"input_ids": jnp.asarray(ids), "attention_mask": jnp.asarray(attn), "loss_mask": jnp.asarray(lm)}
+    plain_ids, plain_attn = ids.copy(), attn.copy()
+    if own_rows:
+        plain_ids[:, :4] = rng.integers(4, 50, size=(3, 4))
+        plain_attn[:, :3] = 0
+        plain_ids[:, :3] = 0
+        for role in ("base", "anti_expert"):
+            batch[f"{role}_input_ids"], batch[f"{role}_attention_mask"] = jnp.asarray(plain_ids), jnp.asarray(plain_attn)
 
     objective = ProxyTunedTeacher(base="b", expert="e", anti_expert="a", rule_params={"alpha": alpha},
                                   ce_weight=0.5)
@@ -35,11 +44,12 @@ def test_loss_against_the_fused_teacher_matches_numpy(alpha):
     loss_fn = objective.loss_fn(sg, {r: g for r, (g, _) in split.items()})
     loss, metrics = loss_fn(sp, {r: p for r, (_, p) in split.items()}, batch, None, {})
 
-    def logits(m):
-        out, _ = m(batch["input_ids"], batch["attention_mask"])
+    def logits(m, x=ids, a=attn):
+        out, _ = m(jnp.asarray(x), jnp.asarray(a))
         return np.asarray(out[:, :-1], np.float64)
 
-    fused = np_log_softmax(logits(base)) + alpha * (np_log_softmax(logits(expert)) - np_log_softmax(logits(anti)))
+    fused = (np_log_softmax(logits(base, plain_ids, plain_attn))
+             + alpha * (np_log_softmax(logits(expert)) - np_log_softmax(logits(anti, plain_ids, plain_attn))))
     lp, lq = np_log_softmax(fused), np_log_softmax(logits(student))
     mask = (lm[:, 1:] > 0) & (attn[:, 1:] > 0) & (attn[:, :-1] > 0)
     kl = np.sum(np.exp(lp) * (lp - lq), axis=-1)

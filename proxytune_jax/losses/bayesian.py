@@ -23,28 +23,25 @@ Choices the paper leaves open (all arguments; our defaults):
 The n-gram statistics are host-side NumPy (a data-pipeline step, like tokenization); the posterior and the
 loss are jittable JAX.
 
-Sparse distributions are ``SparseDist(ids [..., S] int32, probs [..., S] float32)``: unused slots have id −1
-and probability 0; ids with positive probability are distinct.
+Sparse distributions are the library's top-k type ``proxytune_jax.topk.TopK`` (ids ``[..., S]`` int32, −1 =
+unused slot; log-probs, −inf where the probability is 0), built from probabilities by
+``SparseDist(ids, probs)`` (``TopK.from_probs``); ``.probs`` reads them back. Ids with positive probability
+are distinct.
 """
 from __future__ import annotations
-
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from proxytune_jax.errors import UserError
+from proxytune_jax.topk import TopK
 from proxytune_jax.losses._common import (F32, as_mask, check_positive, kl_terms, log_probs, masked_mean, upcast,
                                          zero_masked)
 from proxytune_jax.losses.divergences import cross_entropy_per_position
 
 
-class SparseDist(NamedTuple):
-    """A distribution over a few vocabulary ids: ``ids [..., S]`` (−1 = unused), ``probs [..., S]``."""
-
-    ids: jax.Array
-    probs: jax.Array
+SparseDist = TopK.from_probs  # a sparse distribution from (ids, probs): the shared TopK type
 
 
 # ------------------------------------------------------------------------------------------- n-gram prior
@@ -141,7 +138,7 @@ class NgramPrior:
         hit = np.flatnonzero(ids == token)
         return int(self.next_counts[self.offsets[u] + hit[0]]) if hit.size else 0
 
-    def prior(self, tokens, mask=None, *, gamma: float = 2.0, support: int = 32) -> SparseDist:
+    def prior(self, tokens, mask=None, *, gamma: float = 2.0, support: int = 32) -> TopK:
         """Prior ``p̂`` for every position of ``tokens [..., L]``: entry t is the distribution of ``tokens[..., t]``
         given ``tokens[..., t-n:t]``. Returns NumPy ``SparseDist`` ``[..., L, support + 1]`` (the extra slot holds
         the label when it is not among the kept continuations). For LM training with student logits predicting
@@ -211,7 +208,7 @@ def max_entropy_log_pmf(mean, grid, *, iters: int = 60):
     return jax.nn.log_softmax(lam[..., None] * grid, axis=-1)
 
 
-def posterior_estimate(prior: SparseDist, samples, *, num_bins: int = 100) -> SparseDist:
+def posterior_estimate(prior: TopK, samples, *, num_bins: int = 100) -> TopK:
     """Posterior ``E(P | M)`` on the support prior ∪ proxy samples; see the module docstring.
 
     Args:
@@ -252,25 +249,23 @@ def sample_proxy_tokens(key, proxy_logits, num_samples: int = 8, *, temperature:
 
 
 # ---------------------------------------------------------------------------------------------- objective
-def sparse_kl_per_position(student_logits, target: SparseDist, *, temperature=1.0):
+def sparse_kl_per_position(student_logits, target: TopK, *, temperature=1.0):
     """``KL(target ‖ softmax(student/τ))`` per position for a sparse target ``[..., S]``."""
     lq = log_probs(student_logits, temperature)
-    ids = jnp.asarray(target.ids)
-    probs = upcast(target.probs)
+    target = TopK(jnp.asarray(target.ids), jnp.asarray(target.logp))
+    ids = target.ids
     picked = jnp.take_along_axis(lq, jnp.where(ids >= 0, ids, 0).astype(jnp.int32), axis=-1)
-    pos = probs > 0
-    lp = jnp.where(pos, jnp.log(jnp.where(pos, probs, 1.0)), -jnp.inf)
-    return jnp.sum(kl_terms(lp, picked), axis=-1)
+    return jnp.sum(kl_terms(upcast(target.listed_logp()), picked), axis=-1)
 
 
-def sparse_kl(student_logits, target: SparseDist, mask=None, *, temperature=1.0):
+def sparse_kl(student_logits, target: TopK, mask=None, *, temperature=1.0):
     """Mean over valid positions of ``KL(target ‖ q)`` for a sparse target distribution."""
     student_logits = jnp.asarray(student_logits)
     m = as_mask(mask, student_logits.shape[:-1])
     return masked_mean(sparse_kl_per_position(zero_masked(student_logits, m), target, temperature=temperature), m)
 
 
-def bayesian_kd(student_logits, labels, prior: SparseDist, posterior: SparseDist, mask=None, *, alpha=0.5,
+def bayesian_kd(student_logits, labels, prior: TopK, posterior: TopK, mask=None, *, alpha=0.5,
                 beta=0.5, temperature=1.0):
     """``mean_t [CE_t + α·KL(p̂_t ‖ q_t) + β·KL(E(P|M)_t ‖ q_t)]`` over valid positions.
 

@@ -1,12 +1,16 @@
 """FIRST (Shum et al. 2024): distillation from an offline, sparse top-k teacher.
 
-Teacher format (``TopKTeacher``): per position the top-k token ids (int32 ``[..., k]``) and their log-probs
-**from a full-vocabulary softmax** (float16 on disk, ``[..., k]``). ``topk_from_logits`` makes it.
+Teacher format: the library's top-k type ``proxytune_jax.topk.TopK`` (``TopK`` is the same class):
+per position the top-k token ids (``[..., k]``, -1 = empty slot) and their log-probs **from a
+full-vocabulary softmax** (float16 on disk). ``topk_from_logits`` makes it from logits.
 
 Offline cache on disk (``TopKCacheWriter`` / ``TopKCache``): a folder with
   ``index.json``      k, vocab size, dtypes, the shard list (file names and position counts),
   ``sequences.npy``   ``[num_sequences, 3]`` int64 rows ``(shard, start, length)``,
-  ``shard_XXXXX.ids`` raw little-endian int32 ``[positions, k]``, ``shard_XXXXX.logp`` raw float16 ``[positions, k]``.
+  ``shard_XXXXX.ids`` raw little-endian ids ``[positions, k]`` (uint16 for vocabularies below 65535 ids, 65535
+                      = empty slot; int32 otherwise, -1 = empty), ``shard_XXXXX.logp`` raw float16
+                      ``[positions, k]``: ``topk.bytes_per_position(k, V)`` bytes per position (20 at k = 5,
+                      80 at k = 20 for V < 65535). Caches of format 1 (int32 ids) still read.
 Shards are appended to (never rewritten) and read back with ``np.memmap`` (no whole-file loads: a sequence
 read touches only its own pages). A sequence never straddles two shards. ``index.json`` is written last, by
 ``close()``; a folder without it is an incomplete cache and the reader refuses it.
@@ -16,7 +20,7 @@ Loss (``topk_kl``): ``Σ m·KL(t ‖ s) / max(Σ m, 1)`` with the teacher temper
   (τ = 1) gathered at the k ids and renormalized in log space (identical to ``log_softmax`` of the gathered
   logits).
 - ``mode="tail_bucket"``: a (k+1)-th "other" bucket on both sides. Teacher buckets
-  ``[logp_1..logp_k, log(1 − Σ p_topk)]`` (the sum is clipped at 1 against float16 rounding), tempered as one
+  ``[logp_1..logp_k, TopK.tail_logp()]`` (``-inf`` when float16 rounding takes the listed mass to 1), tempered as one
   (k+1)-way distribution ``softmax(buckets / τ)`` (exact at τ = 1); student buckets are its full-softmax
   probabilities at the k ids and the exact logsumexp of the remaining vocabulary (no ``1 − Σ`` cancellation).
   Both sides are true distributions, so the KL is ≥ 0 by construction; nothing is clamped.
@@ -29,49 +33,34 @@ from __future__ import annotations
 import json
 import math
 import os
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from proxytune_jax.errors import UserError
+from proxytune_jax.topk import TopK, storage_ids_dtype
 from proxytune_jax.losses._common import F32, as_mask, upcast, check_positive, kl_from_log_probs, masked_mean, zero_masked
 
 MODES = ("renormalize", "tail_bucket")
 
 
-class TopKTeacher(NamedTuple):
-    """Sparse teacher: ``ids [..., k]`` int32 and ``logp [..., k]`` (full-vocabulary log-probs, descending)."""
-
-    ids: jax.Array
-    logp: jax.Array
+TopKTeacher = TopK  # the FIRST teacher is the library's one top-k type
 
 
-def topk_from_logits(logits, k: int = 5) -> TopKTeacher:
-    """Top-k ids and log-probs of ``log_softmax(logits)`` over the full vocabulary (float32 log-probs)."""
-    logits = jnp.asarray(logits)
-    if not 1 <= k <= logits.shape[-1]:
-        raise UserError(f"k must lie in [1, vocab={logits.shape[-1]}], got {k}.")
-    lp = jax.nn.log_softmax(logits.astype(F32), axis=-1)
-    vals, ids = jax.lax.top_k(lp, k)
-    return TopKTeacher(ids.astype(jnp.int32), vals)
+def topk_from_logits(logits, k: int = 5) -> TopK:
+    """Top-k ids and log-probs of ``log_softmax(logits)`` over the full vocabulary (``TopK.from_logits``)."""
+    return TopK.from_logits(logits, k)
 
 
-def _log1mexp(x):
-    """``log(1 − exp(x))`` for ``x ≤ 0``, stable on both ends; ``-inf`` at ``x = 0``."""
-    x = jnp.minimum(x, 0.0)
-    safe = jnp.where(x < 0, x, -1.0)
-    out = jnp.where(safe > -math.log(2.0), jnp.log(-jnp.expm1(safe)), jnp.log1p(-jnp.exp(safe)))
-    return jnp.where(x < 0, out, -jnp.inf)
-
-
-def teacher_log_buckets(teacher: TopKTeacher, *, temperature=1.0, mode="renormalize", vocab_size=None):
-    """Teacher log-distribution used by the loss: ``[..., k]`` (renormalize) or ``[..., k+1]`` (tail_bucket).
+def teacher_log_buckets(teacher: TopK, *, temperature=1.0, mode="renormalize", vocab_size=None):
+    """Teacher log-distribution used by the loss: ``[..., k]`` (renormalize) or ``[..., k+1]`` (tail_bucket);
+    empty slots (id -1) get ``-inf``.
 
     With ``vocab_size == k`` the tail bucket is exactly empty (``-inf``), not ``1 − Σ`` rounding noise."""
     check_positive("temperature", temperature)
-    logp = jnp.asarray(teacher.logp).astype(F32)
+    teacher = TopK(jnp.asarray(teacher.ids), jnp.asarray(teacher.logp))
+    logp = teacher.listed_logp()
     tau = jnp.asarray(temperature, F32)
     if mode == "renormalize":
         return jax.nn.log_softmax(logp / tau, axis=-1)
@@ -79,21 +68,23 @@ def teacher_log_buckets(teacher: TopKTeacher, *, temperature=1.0, mode="renormal
         if vocab_size is not None and vocab_size <= logp.shape[-1]:
             tail = jnp.full(logp.shape[:-1] + (1,), -jnp.inf, F32)
         else:
-            tail = _log1mexp(jax.nn.logsumexp(logp, axis=-1, keepdims=True))
+            tail = teacher.tail_logp()[..., None]
         return jax.nn.log_softmax(jnp.concatenate([logp, tail], axis=-1) / tau, axis=-1)
     raise UserError(f"unknown mode {mode!r}; choose one of {MODES}.")
 
 
 def _student_log_buckets(student_logits, ids, mode):
     s = upcast(student_logits)
+    valid = ids >= 0
+    ids = jnp.where(valid, ids, 0)
     if mode == "renormalize":
-        return jax.nn.log_softmax(jnp.take_along_axis(s, ids, axis=-1), axis=-1)
+        return jax.nn.log_softmax(jnp.where(valid, jnp.take_along_axis(s, ids, axis=-1), -jnp.inf), axis=-1)
     lq = jax.nn.log_softmax(s, axis=-1)
-    picked = jnp.take_along_axis(lq, ids, axis=-1)
+    picked = jnp.where(valid, jnp.take_along_axis(lq, ids, axis=-1), -jnp.inf)
     vocab = s.shape[-1]
-    flat_ids = ids.reshape(-1, ids.shape[-1])
+    flat_ids = jnp.where(valid, ids, vocab).reshape(-1, ids.shape[-1])  # empty slots scatter out of range
     rows = jnp.arange(flat_ids.shape[0])[:, None]
-    in_topk = jnp.zeros((flat_ids.shape[0], vocab), bool).at[rows, flat_ids].set(True).reshape(s.shape)
+    in_topk = jnp.zeros((flat_ids.shape[0], vocab), bool).at[rows, flat_ids].set(True, mode="drop").reshape(s.shape)
     rest = jnp.where(in_topk, -jnp.inf, lq)
     mx = jnp.max(rest, axis=-1, keepdims=True)
     mx = jax.lax.stop_gradient(jnp.where(jnp.isfinite(mx), mx, 0.0))
@@ -102,7 +93,7 @@ def _student_log_buckets(student_logits, ids, mode):
     return jnp.concatenate([picked, tail], axis=-1)
 
 
-def topk_kl_per_position(student_logits, teacher: TopKTeacher, *, temperature=1.0, mode="renormalize"):
+def topk_kl_per_position(student_logits, teacher: TopK, *, temperature=1.0, mode="renormalize"):
     """``KL(t ‖ s)`` per position over the top-k (+ tail) buckets; see the module docstring."""
     if mode not in MODES:
         raise UserError(f"unknown mode {mode!r}; choose one of {MODES}.")
@@ -112,12 +103,12 @@ def topk_kl_per_position(student_logits, teacher: TopKTeacher, *, temperature=1.
     return kl_from_log_probs(lt, ls)
 
 
-def topk_kl(student_logits, teacher: TopKTeacher, mask=None, *, temperature=1.0, mode="renormalize"):
+def topk_kl(student_logits, teacher: TopK, mask=None, *, temperature=1.0, mode="renormalize"):
     """FIRST loss: mean over valid positions of ``KL(t ‖ s)`` against a sparse top-k teacher.
 
     Args:
       student_logits: ``[..., V]``; the student side uses τ = 1.
-      teacher: ``TopKTeacher(ids [..., k] int, logp [..., k] float16/32)``.
+      teacher: ``TopK(ids [..., k] int, logp [..., k] float16/32)``.
       mask: ``[...]`` valid positions.
       temperature: the *teacher's* calibration temperature τ (see ``fit_temperature``).
       mode: ``"renormalize"`` or ``"tail_bucket"``.
@@ -130,14 +121,14 @@ def topk_kl(student_logits, teacher: TopKTeacher, mask=None, *, temperature=1.0,
     m = as_mask(mask, student_logits.shape[:-1])
     k, vocab = ids.shape[-1], student_logits.shape[-1]
     filler = jnp.arange(k, dtype=ids.dtype) % vocab  # distinct ids for masked rows (values unused)
-    safe_teacher = TopKTeacher(jnp.where(m[..., None], ids, filler),
+    safe_teacher = TopK(jnp.where(m[..., None], ids, filler),
                                jnp.where(m[..., None], jnp.asarray(teacher.logp), -math.log(k) - 1.0))
     per = topk_kl_per_position(zero_masked(student_logits, m), safe_teacher, temperature=temperature, mode=mode)
     return masked_mean(per, m)
 
 
 # ------------------------------------------------------------------------------------------ temperature fit
-def teacher_nll(teacher: TopKTeacher, targets, mask=None, *, temperature=1.0, mode="tail_bucket", vocab_size=None):
+def teacher_nll(teacher: TopK, targets, mask=None, *, temperature=1.0, mode="tail_bucket", vocab_size=None):
     """Mean NLL of the observed ``targets [...]`` under the tempered teacher buckets.
 
     ``tail_bucket``: a target outside the top-k scores the tail bucket (the constant ``log(V − k)`` of a
@@ -157,7 +148,7 @@ def teacher_nll(teacher: TopKTeacher, targets, mask=None, *, temperature=1.0, mo
     return masked_mean(-ll_in, m & inside)
 
 
-def fit_temperature(teacher: TopKTeacher, targets, mask=None, *, mode="tail_bucket", bounds=(0.05, 20.0),
+def fit_temperature(teacher: TopK, targets, mask=None, *, mode="tail_bucket", bounds=(0.05, 20.0),
                     iters: int = 60, vocab_size=None) -> float:
     """Teacher temperature τ minimizing ``teacher_nll`` on held-out data (golden-section search over 1/τ,
     where the NLL is convex). Returns a Python float inside ``bounds``.
@@ -175,7 +166,7 @@ def fit_temperature(teacher: TopKTeacher, targets, mask=None, *, mode="tail_buck
 
     @jax.jit
     def _nll(inv_t, ids, logp, targets, m):  # data passed as arguments, never closed over
-        return teacher_nll(TopKTeacher(ids, logp), targets, m, temperature=1.0 / inv_t, mode=mode,
+        return teacher_nll(TopK(ids, logp), targets, m, temperature=1.0 / inv_t, mode=mode,
                            vocab_size=vocab_size)
 
     def nll(inv_t):
@@ -220,6 +211,7 @@ class TopKCacheWriter:
         self.sequences: list[tuple[int, int, int]] = []
         self._ids_f = self._logp_f = None
         self._topk = jax.jit(topk_from_logits, static_argnums=1)
+        self.ids_dtype = storage_ids_dtype(self.vocab_size).newbyteorder("<")
 
     def _open_shard(self):
         self._close_shard()
@@ -241,16 +233,18 @@ class TopKCacheWriter:
         logp = np.asarray(logp, dtype=np.float32)
         if ids.ndim != 2 or ids.shape[1] != self.k or logp.shape != ids.shape:
             raise UserError(f"expected ids and logp of shape [L, {self.k}], got {ids.shape} and {logp.shape}.")
-        if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
-            raise UserError(f"token ids must lie in [0, {self.vocab_size}); got range [{ids.min()}, {ids.max()}].")
+        if ids.size and (ids.min() < -1 or ids.max() >= self.vocab_size):
+            raise UserError(f"token ids must lie in [0, {self.vocab_size}) (-1: an empty slot); got range "
+                            f"[{ids.min()}, {ids.max()}].")
         if logp.size and not (np.all(np.isfinite(logp) | np.isneginf(logp)) and logp.max() <= 1e-3):
             raise UserError("logp must be log-probabilities (<= 0, no NaN) from a full-vocabulary log_softmax.")
         n = ids.shape[0]
         if not self.shards or (self.shards[-1]["positions"] and self.shards[-1]["positions"] + n > self.shard_positions):
             self._open_shard()
         rec = self.shards[-1]
-        self._ids_f.write(np.ascontiguousarray(ids, dtype="<i4").tobytes())
-        self._logp_f.write(np.ascontiguousarray(logp, dtype="<f2").tobytes())
+        stored = TopK(ids, logp).compressed(self.vocab_size)
+        self._ids_f.write(np.ascontiguousarray(stored.ids, dtype=self.ids_dtype).tobytes())
+        self._logp_f.write(np.ascontiguousarray(stored.logp, dtype="<f2").tobytes())
         self.sequences.append((len(self.shards) - 1, rec["positions"], n))
         rec["positions"] += n
         return len(self.sequences) - 1
@@ -263,7 +257,7 @@ class TopKCacheWriter:
         t = jax.device_get(self._topk(logits, self.k))
         return self.add(t.ids, t.logp)
 
-    def add_batch(self, teacher: TopKTeacher, mask) -> list[int]:
+    def add_batch(self, teacher: TopK, mask) -> list[int]:
         """Append each row of a batch ``[B, T, k]``, keeping the positions where ``mask [B, T]`` is set."""
         ids, logp, mask = (np.asarray(x) for x in (teacher.ids, teacher.logp, mask))
         return [self.add(ids[b][mask[b].astype(bool)], logp[b][mask[b].astype(bool)]) for b in range(ids.shape[0])]
@@ -271,8 +265,8 @@ class TopKCacheWriter:
     def close(self):
         self._close_shard()
         np.save(os.path.join(self.path, SEQUENCES), np.asarray(self.sequences, np.int64).reshape(-1, 3))
-        index = {"format": "proxytune_jax.first.topk/1", "k": self.k, "vocab_size": self.vocab_size,
-                 "ids_dtype": "<i4", "logp_dtype": "<f2", "num_sequences": len(self.sequences),
+        index = {"format": "proxytune_jax.first.topk/2", "k": self.k, "vocab_size": self.vocab_size,
+                 "ids_dtype": self.ids_dtype.str, "logp_dtype": "<f2", "num_sequences": len(self.sequences),
                  "num_positions": int(sum(s["positions"] for s in self.shards)), "shards": self.shards}
         tmp = os.path.join(self.path, INDEX + ".tmp")
         with open(tmp, "w") as f:
@@ -301,6 +295,7 @@ class TopKCache:
             self.index = json.load(f)
         self.k = int(self.index["k"])
         self.vocab_size = int(self.index["vocab_size"])
+        self.ids_dtype = np.dtype(self.index.get("ids_dtype", "<i4"))  # format 1: int32
         self.sequences = np.load(os.path.join(self.path, SEQUENCES), mmap_mode="r")
         self._maps: dict[int, tuple[np.memmap, np.memmap]] = {}
 
@@ -312,22 +307,26 @@ class TopKCache:
             rec = self.index["shards"][i]
             shape = (rec["positions"], self.k)
             if rec["positions"] == 0:
-                self._maps[i] = (np.zeros(shape, "<i4"), np.zeros(shape, "<f2"))
+                self._maps[i] = (np.zeros(shape, self.ids_dtype), np.zeros(shape, "<f2"))
             else:
-                self._maps[i] = (np.memmap(os.path.join(self.path, rec["ids"]), "<i4", "r", shape=shape),
+                self._maps[i] = (np.memmap(os.path.join(self.path, rec["ids"]), self.ids_dtype, "r", shape=shape),
                                  np.memmap(os.path.join(self.path, rec["logp"]), "<f2", "r", shape=shape))
         return self._maps[i]
 
-    def __getitem__(self, i) -> TopKTeacher:
-        """Sequence i as memory-mapped views ``ids [L, k]`` int32, ``logp [L, k]`` float16 (no copy)."""
+    def __getitem__(self, i) -> TopK:
+        """Sequence i: ``ids [L, k]`` int32 (-1 = empty slot; a copy of the stored ids), ``logp [L, k]`` float16
+        (a memory-mapped view)."""
         if not -len(self) <= i < len(self):
             raise IndexError(i)
         shard, start, length = (int(x) for x in self.sequences[i])
         ids, logp = self._shard(shard)
-        return TopKTeacher(ids[start:start + length], logp[start:start + length])
+        ids = np.asarray(ids[start:start + length]).astype(np.int32)
+        if self.ids_dtype.kind == "u":
+            ids[ids == np.iinfo(self.ids_dtype).max] = -1
+        return TopK(ids, logp[start:start + length])
 
     def batch(self, indices, length=None):
-        """Padded batch: ``(TopKTeacher(ids [B, T, k] int32, logp [B, T, k] float16), mask [B, T] bool)``.
+        """Padded batch: ``(TopK(ids [B, T, k] int32, logp [B, T, k] float16), mask [B, T] bool)``.
 
         ``length`` defaults to the longest sequence; longer sequences are truncated. Padding: id 0, logp 0.
         """
@@ -339,8 +338,8 @@ class TopKCache:
         for b, s in enumerate(seqs):
             n = min(len(s.ids), t)
             ids[b, :n], logp[b, :n], mask[b, :n] = s.ids[:n], s.logp[:n], True
-        return TopKTeacher(ids, logp), mask
+        return TopK(ids, logp), mask
 
 
-__all__ = ["TopKTeacher", "topk_from_logits", "topk_kl", "topk_kl_per_position", "teacher_log_buckets",
+__all__ = ["TopK", "TopKTeacher", "topk_from_logits", "topk_kl", "topk_kl_per_position", "teacher_log_buckets",
            "teacher_nll", "fit_temperature", "TopKCacheWriter", "TopKCache"]

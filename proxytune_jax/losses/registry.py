@@ -7,8 +7,9 @@ An entry (``LossSpec``) says
 - ``per_position``: its unreduced twin ``[...]`` for the memory-lean ``chunked_loss`` (``None`` for losses that
   couple positions, such as the batch-wise SinKD);
 - ``teacher``: what the teacher side must provide -- ``"logits"`` (full ``[..., V]`` logits), ``"topk"`` (a
-  ``TopKTeacher`` of ids + log-probs), ``"sparse"`` (a ``SparseDist``) or ``"prior_posterior"`` (the Bayesian
-  KD pair of ``SparseDist``);
+  top-k teacher: the shared ``proxytune_jax.topk.TopK`` of ids + full-vocabulary log-probs, tail implied),
+  ``"sparse"`` (a sparse target distribution, also a ``TopK``) or ``"prior_posterior"`` (the Bayesian KD pair
+  of ``TopK``);
 - ``hyperparameters``: every hyperparameter by name with its default. ``resolve(overrides)`` returns the
   defaults updated by ``overrides`` after checking each name and type; a value the caller does not set keeps
   the loss's own default (SinKD's ``temperature`` stays 2.0 unless set for SinKD).

@@ -22,6 +22,13 @@ method            objective (``training.objectives``) and its transfer-set term 
                   (the teacher's logits never used, as for a closed-source teacher)
 ================= ============================================================================================
 
+Beyond the demo's table (``EXTRA_METHODS``; ``experiments/toyworld_gkd.py`` runs them): GKD's grid on the same
+rows, the divergence fixed to forward KL so that only the outputs differ -- ``word_kd`` is its supervised KD
+(λ = 0: the teacher's fixed answers), ``seq_kd`` its sequence-level KD, ``gkd_mixed`` λ = 0.5 and
+``gkd_on_policy`` λ = 1 (``OnPolicyDistillation``: the transfer rows' answers sampled from the student inside
+the step at temperature 1, scored by the teacher in the step); ``gkd_on_policy_jsd`` λ = 1 with GKD's
+generalized JSD (β = 0.5); and ``taid`` (``TAID`` with the released defaults on the teacher's logits).
+
 The primary comparison, declared before any run, is ``transfer.PRIMARY_COMPARISON`` (word-level KD vs SFT
 on gold); ``seq_kd`` separates "more data" (the teacher's answers) from "the loss" (its distribution).
 The finished table is cached by a digest of everything it depends on (``distill_cached``).
@@ -45,14 +52,17 @@ from flax import nnx
 from proxytune_jax.toyworld import transfer as T
 from proxytune_jax.toyworld.train import FitConfig, train_models
 
+GKD_NEW_TOKENS = 16  # the answers are "<name> has <n> coins ... #### <n>" + <eos>: under 16 tokens
 METHODS = ("sft_gold", "seq_kd", "word_kd", "reverse_kl", "js", "tvd", "generalized_jsd", "sinkd", "first_top5",
            "first_top5_tau1", "bayesian")
 LABELS = {
     "sft_gold": "SFT on gold only", "seq_kd": "sequence-level KD", "word_kd": "word-level KD (forward KL)",
     "reverse_kl": "reverse KL", "js": "JS", "tvd": "TVD", "generalized_jsd": "generalized JSD (β=0.1)",
     "sinkd": "SinKD (+FKL+CE)", "first_top5": "FIRST top-5, fitted τ", "first_top5_tau1": "FIRST top-5, τ = 1",
-    "bayesian": "Bayesian KD",
+    "bayesian": "Bayesian KD", "gkd_mixed": "GKD mixed (λ = 0.5, FKL)", "gkd_on_policy": "GKD on-policy (λ = 1, FKL)",
+    "gkd_on_policy_jsd": "GKD on-policy (λ = 1, JSD β 0.5)", "taid": "TAID",
 }
+EXTRA_METHODS = ("gkd_mixed", "gkd_on_policy", "gkd_on_policy_jsd", "taid")
 TOPK = 5
 SINKD_ROWS = 8
 PRIOR_SUPPORT, POSTERIOR_BINS, POSTERIOR_SAMPLES = 8, 32, 8  # Bayesian KD: the answers have few continuations
@@ -82,6 +92,17 @@ def _bayesian():
     return Bayesian(posterior_bins=POSTERIOR_BINS, posterior_samples=POSTERIOR_SAMPLES, alpha=0.5, beta=0.5)
 
 
+def _gkd(student_fraction: float, loss: str = "forward_kl", **params):
+    from proxytune_jax.training.objectives import OnPolicyDistillation
+    return OnPolicyDistillation(teacher="tuned-large", loss=loss, loss_params=params, kd_weight=1.0, ce_weight=1.0,
+                                student_fraction=student_fraction, max_new_tokens=GKD_NEW_TOKENS, temperature=1.0)
+
+
+def _taid():
+    from proxytune_jax.training.objectives import TAID
+    return TAID(kd_weight=1.0, ce_weight=1.0)
+
+
 def _sft():
     from proxytune_jax.training.objectives import SFT
     return SFT()
@@ -100,6 +121,10 @@ METHOD_TABLE: dict[str, tuple[Callable[[float], object], tuple[str, ...]]] = {
     "first_top5": (lambda tau: _first(tau), ("topk_ids", "topk_logp")),
     "first_top5_tau1": (lambda tau: _first(1.0), ("topk_ids", "topk_logp")),
     "bayesian": (lambda tau: _bayesian(), ("prior_ids", "prior_probs", "posterior_ids", "posterior_probs")),
+    "gkd_mixed": (lambda tau: _gkd(0.5), ()),
+    "gkd_on_policy": (lambda tau: _gkd(1.0), ()),
+    "gkd_on_policy_jsd": (lambda tau: _gkd(1.0, "generalized_jsd", beta=0.5), ()),
+    "taid": (lambda tau: _taid(), ("teacher_logits",)),
 }
 
 
@@ -233,7 +258,7 @@ def run_table(student, teacher, proxy, tokenizer, world, *, methods=METHODS, see
     for method in methods:
         build, _ = METHOD_TABLE[method]
         objective = build(data.first_temperature)
-        frozen = {role: {"proxy": proxy}[role] for role in objective.frozen_models()}
+        frozen = {role: {"proxy": proxy, "teacher": teacher}[role] for role in objective.frozen_models()}
         t1 = time.perf_counter()
         res = train_models(student, _rows_for(method, data.rows), objective, fit_config, seeds=seeds,
                            frozen_models=frozen, desc=f"distill {method} ({len(seeds)} seeds)", progress=progress)

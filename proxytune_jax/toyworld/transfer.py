@@ -77,6 +77,11 @@ SECONDARY_COMPARISONS = (
     ("first_top5", "first_top5_tau1"),  # FIRST: calibrated vs uncalibrated top-k teacher, on ECE
     ("sinkd", "word_kd"),  # SinKD vs plain forward KL
     ("bayesian", "seq_kd"),  # Bayesian KD vs SFT on the teacher's text (same CE targets)
+    # GKD's grid and TAID (experiments/toyworld_gkd.py), declared with the objectives, before their runs
+    ("gkd_on_policy", "word_kd"),  # the student's own samples vs the teacher's fixed answers, same loss
+    ("gkd_mixed", "word_kd"),
+    ("gkd_on_policy_jsd", "gkd_on_policy"),  # GKD's divergence vs forward KL on the same on-policy data
+    ("taid", "word_kd"),  # the interpolated teacher vs the teacher itself
 )
 ECE_BINS = 10
 

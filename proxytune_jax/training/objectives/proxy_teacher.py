@@ -10,6 +10,12 @@ run inside the step (teacher-forced on the batch, under ``stop_gradient``), thei
 ids (all four share one tokenizer), and the student minimizes ``loss`` (any full-logit entry of
 ``losses.LOSSES``, forward KL by default) against the fused distribution, plus ``ce_weight`` × the targets'
 cross-entropy. A student that matches it gets proxy-tuning's behaviour at one model's decoding cost.
+
+Prompt formats: by default every role reads the batch's rows. As in proxy-tuning, where the base and the
+anti-expert read the plain prompt and the expert its chat template, in-memory data may give a role its own
+rows: ``<role>_input_ids`` / ``<role>_attention_mask`` ``[B, T]`` (e.g. ``base_input_ids``) holding the same
+response in the same columns (left padding to one width), so that column t predicts the same token for
+every model.
 """
 from __future__ import annotations
 
@@ -67,8 +73,12 @@ class ProxyTunedTeacher(_Distillation):
     def loss_fn(self, student, frozen_graphdefs):
         rule, params = self.rule, dict(self.rule_params)
 
+        def rows_of(batch, role):
+            return {"input_ids": batch.get(f"{role}_input_ids", batch["input_ids"]),
+                    "attention_mask": batch.get(f"{role}_attention_mask", batch["attention_mask"])}
+
         def teacher(frozen, batch, v):
-            logits = [frozen_logits(frozen_graphdefs[r], frozen[r], batch, v) for r in ROLES]
+            logits = [frozen_logits(frozen_graphdefs[r], frozen[r], rows_of(batch, r), v) for r in ROLES]
             return jax.lax.stop_gradient(fused_teacher_logits(rule, logits, params)).astype(jnp.float32)
 
         return _distill_loss_fn(self.terms(), self.kd_weight, self.ce_weight, student, teacher)
