@@ -1,4 +1,5 @@
-"""The ``proxytune`` console script. Each subcommand lives in ``proxytune_jax/commands/<name>.py`` and
+"""The ``proxytune`` console script. Each subcommand lives in ``proxytune_jax/commands/<name>.py`` (``-`` in a
+command's name is ``_`` in its module's) and
 exposes ``add_arguments(parser)`` and ``run(args) -> int``; modules are imported only when used, so
 ``proxytune --help`` stays fast."""
 from __future__ import annotations
@@ -13,6 +14,8 @@ COMMANDS = {
     "generate": "proxy-tuned (or plain) decoding of local Hugging Face checkpoints, JSONL in and out",
     "train": "SFT and distillation training from a dataclass config, with resumable checkpoints",
     "eval": "score generation outputs against references (accuracy, exact match, ROUGE, ...)",
+    "topk-cache": "a teacher's top-k cache for offline distillation: from a local model, or from recorded API "
+                  "responses with top_logprobs",
 }
 
 
@@ -23,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, help_text in COMMANDS.items():
-        module = importlib.import_module(f"proxytune_jax.commands.{name}")
+        module = importlib.import_module(f"proxytune_jax.commands.{name.replace('-', '_')}")
         p = sub.add_parser(name, help=help_text, description=help_text)
         module.add_arguments(p)
         p.set_defaults(_run=module.run)

@@ -109,7 +109,8 @@ def topk_kl(student_logits, teacher: TopK, mask=None, *, temperature=1.0, mode="
     Args:
       student_logits: ``[..., V]``; the student side uses τ = 1.
       teacher: ``TopK(ids [..., k] int, logp [..., k] float16/32)``.
-      mask: ``[...]`` valid positions.
+      mask: ``[...]`` valid positions. A position whose teacher row has no entry at all (every id -1, e.g.
+        an API teacher's end-of-sequence position) counts as masked.
       temperature: the *teacher's* calibration temperature τ (see ``fit_temperature``).
       mode: ``"renormalize"`` or ``"tail_bucket"``.
     """
@@ -118,11 +119,11 @@ def topk_kl(student_logits, teacher: TopK, mask=None, *, temperature=1.0, mode="
     if ids.shape[:-1] != student_logits.shape[:-1] or jnp.shape(teacher.logp) != ids.shape:
         raise UserError(f"teacher ids {ids.shape} / logp {jnp.shape(teacher.logp)} must be [..., k] over the student's "
                         f"positions {student_logits.shape[:-1]}.")
-    m = as_mask(mask, student_logits.shape[:-1])
+    m = as_mask(mask, student_logits.shape[:-1]) & jnp.any(ids >= 0, axis=-1)
     k, vocab = ids.shape[-1], student_logits.shape[-1]
     filler = jnp.arange(k, dtype=ids.dtype) % vocab  # distinct ids for masked rows (values unused)
     safe_teacher = TopK(jnp.where(m[..., None], ids, filler),
-                               jnp.where(m[..., None], jnp.asarray(teacher.logp), -math.log(k) - 1.0))
+                        jnp.where(m[..., None], jnp.asarray(teacher.logp), -math.log(k) - 1.0))
     per = topk_kl_per_position(zero_masked(student_logits, m), safe_teacher, temperature=temperature, mode=mode)
     return masked_mean(per, m)
 
