@@ -34,7 +34,8 @@ def test_loss_against_the_fused_teacher_matches_numpy(alpha, own_rows):
         plain_attn[:, :3] = 0
         plain_ids[:, :3] = 0
         for role in ("base", "anti_expert"):
-            batch[f"{role}_input_ids"], batch[f"{role}_attention_mask"] = jnp.asarray(plain_ids), jnp.asarray(plain_attn)
+            batch[f"{role}_input_ids"] = jnp.asarray(plain_ids)
+            batch[f"{role}_attention_mask"] = jnp.asarray(plain_attn)
 
     objective = ProxyTunedTeacher(base="b", expert="e", anti_expert="a", rule_params={"alpha": alpha},
                                   ce_weight=0.5)

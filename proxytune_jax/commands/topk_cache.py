@@ -26,7 +26,8 @@ def add_arguments(parser):
     api.add_argument("--responses", type=Path, default=None,
                      help='JSONL of {"prompt": ..., "response": <the server\'s JSON with logprobs>}')
     api.add_argument("--tokenizer", default=None, help="the teacher's tokenizer (shared with the student)")
-    api.add_argument("--data-out", type=Path, default=None, help="the training file written (default <out>/train.jsonl)")
+    api.add_argument("--data-out", type=Path, default=None,
+                     help="the training file written (default <out>/train.jsonl)")
 
 
 def run(args) -> int:

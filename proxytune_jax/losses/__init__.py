@@ -33,4 +33,5 @@ from proxytune_jax.losses import registry as _registry
 
 # note: the name `sinkd` is the loss function (the module stays importable as proxytune_jax.losses.sinkd)
 __all__ = sorted(set(_divergences.__all__) | set(_chunked.__all__) | set(_sinkd.__all__) | set(_first.__all__)
-                 | set(_bayesian.__all__) | set(_taid.__all__) | set(_registry.__all__) | {"masked_mean", "reduce_loss"})
+                 | set(_bayesian.__all__) | set(_taid.__all__) | set(_registry.__all__)
+                 | {"masked_mean", "reduce_loss"})

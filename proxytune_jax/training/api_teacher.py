@@ -19,8 +19,8 @@ top_logprobs: [{token, logprob}]}``). ``build_api_topk_cache`` turns the file in
 
 so that ``offline_topk`` (FIRST) trains a student on it. The teacher must share the student's tokenizer:
 tokens are mapped to ids by their ``bytes`` when the response gives them (chat completions do), else by the
-tokenizer's raw token strings, else by the decoded text when only one id has it, and the generated tokens must be exactly the tokenizer's encoding of the generated text,
-otherwise the record is refused with its line number (models with other tokenizers need a cross-tokenizer
+tokenizer's raw token strings, else by the decoded text when only one id has it; the generated tokens must
+be exactly the tokenizer's encoding of the generated text, otherwise the record is refused with its line number (models with other tokenizers need a cross-tokenizer
 alignment, not this module). Alternatives that map to no id are left out of the top-k (their mass joins
 the tail).
 """
@@ -93,8 +93,8 @@ def parse_response(response: dict, where: str):
             alts = [sorted((((t, None), float(v)) for t, v in (d or {}).items()), key=lambda x: -x[1])
                     for d in lp["top_logprobs"]]
     except (KeyError, IndexError, TypeError) as e:
-        raise UserError(f"{where}: not an OpenAI-style response with logprobs (missing {e}); record responses "
-                        "with logprobs enabled (completions: logprobs=k; chat: logprobs=true, top_logprobs=k)") from None
+        raise UserError(f"{where}: not an OpenAI-style response with logprobs (missing {e}); record responses with "
+                        "logprobs enabled (completions: logprobs=k; chat: logprobs=true, top_logprobs=k)") from None
     if len(alts) != len(tokens):
         raise UserError(f"{where}: {len(tokens)} tokens but {len(alts)} top_logprobs entries")
     return text, tokens, alts
