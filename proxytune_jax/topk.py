@@ -1,7 +1,7 @@
 """``TopK``: a next-token distribution known by its top k (ids + log-probs) and the mass of the rest (the tail).
 
 One type for every place the library meets a sparse distribution: a FIRST teacher and its on-disk cache
-(``losses.first``), a teacher behind an API that returns ``top_logprobs`` (``training.api_teacher``), the
+(``losses.first``), a teacher behind an API that returns ``top_logprobs`` (``training.recorded_teacher``), the
 Bayesian-KD prior and posterior (``losses.bayesian``), and the decoding side's black-box bases.
 
     ids   [..., k]  int32   token ids; -1 marks an empty slot (an API that returned fewer than k entries,

@@ -187,3 +187,51 @@ def test_rule_flag_errors(case, dirs, tmp_path, capsys):
     import re
     assert code == 2 and re.search(message, cap.err), cap.err
     assert not out.exists()
+
+
+def test_topk_cache_of_the_fused_distribution_matches_a_teacher_forced_reference(dirs, prompts_file, tmp_path,
+                                                                                  capsys):
+    """``--topk-cache``: the engine records the proxy-tuned distribution's top-k before every generated token;
+    the cache holds it at the positions of the training file it writes. Reference: each model run without a
+    cache on its own prompt + the generated tokens, log-softmaxed and fused in NumPy."""
+    import jax.numpy as jnp
+    from transformers import AutoTokenizer
+
+    from conftest import np_log_softmax
+    from proxytune_jax.losses.first import TopKCache
+
+    out, cache_dir, k, alpha = tmp_path / "out.jsonl", tmp_path / "cache", 4, 0.8
+    # random tiny models write random tokens, whose text re-tokenizes differently more often than not (such
+    # completions are left out of the cache); short completions of many prompts keep enough of them
+    many = tmp_path / "many.jsonl"
+    many.write_text("".join(json.dumps({"prompt": f"{w} {n}"}) + "\n" for w in PROMPTS for n in range(4)))
+    code, cap = _run(["--target", dirs["target"], "--expert", dirs["expert"], "--anti-expert", dirs["anti"],
+                      "--alpha", alpha, "--expert-chat-template", "--prompts", many, "--max-new-tokens", 2,
+                      "--output", out, "--topk-cache", cache_dir, "--topk", k], capsys)
+    assert code == 0, cap.err
+    tok = AutoTokenizer.from_pretrained(dirs["target"])
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    data = [json.loads(line) for line in (cache_dir / "train.jsonl").read_text().splitlines()]
+    kept = [r for r in rows if r["completion"] and tok.encode(r["completion"], add_special_tokens=False)
+            == [t for t in r["token_ids"] if t != 2]]
+    assert [d["response"] for d in data] == [r["completion"] for r in kept] and kept  # greedy: deterministic
+    models = [load_pretrained(dirs[n]) for n in ("target", "expert", "anti")]
+    cache = TopKCache(cache_dir)
+    for i, r in enumerate(kept):
+        prompts = [encode_prompt(tok, r["prompt"], chat_template=c) for c in (False, True, False)]
+        gen = r["token_ids"]
+        lps = []
+        for m, p in zip(models, prompts):
+            ids = jnp.asarray([p + gen], jnp.int32)
+            logits, _ = m(ids, jnp.ones_like(ids))
+            lps.append(np_log_softmax(np.asarray(logits[0, len(p) - 1:len(p) - 1 + len(gen)], np.float64)))
+        fused = np_log_softmax(lps[0] + alpha * (lps[1] - lps[2]))
+        n_prompt = len(tok.encode(r["prompt"], add_special_tokens=True))
+        got = cache[i]
+        for j in range(len(gen)):
+            order = np.argsort(-fused[j], kind="stable")[:k]
+            row = got.ids[n_prompt - 1 + j]
+            np.testing.assert_array_equal(np.sort(row), np.sort(order))
+            np.testing.assert_allclose(np.sort(got.logp[n_prompt - 1 + j].astype(np.float64)),
+                                       np.sort(fused[j, order]), atol=3e-3)
+        assert np.all(got.ids[:n_prompt - 1] == -1)

@@ -3,6 +3,7 @@
     proxytune generate --target DIR [--expert DIR --anti-expert DIR] [--rule proxy_tuning] [--alpha 1.0]
         [--expert-chat-template] (--prompt TEXT | --prompts FILE.jsonl) --max-new-tokens N [--temperature 0]
         [--top-p 1.0] [--top-k 0] [--seed 0] [--batch-size 8] [--stop STR ...] [--analysis] --output OUT.jsonl
+        [--topk-cache DIR [--topk 5]]
 
 Each DIR is a local folder or a Hugging Face Hub id (``org/name``) resolved through the HF cache (a local folder
 wins; ``HF_HUB_OFFLINE=1`` reads the cache only). With only ``--target`` it is plain decoding of that model.
@@ -22,7 +23,9 @@ the output is written to a temporary file in the output folder and renamed at th
 leaves a partial file.
 Output lines: ``{"prompt", "completion", "token_ids", "finish_reason"}`` (``finish_reason``: "eos", "stop"
 for a stop string, "length"); ``--analysis`` adds per-token top-1 ids, chosen-token probabilities of each
-model and whether the combined top-1 differs from the target's.
+model and whether the combined top-1 differs from the target's. ``--topk-cache DIR`` also writes the fused
+distribution's top-k before every generated token as a teacher cache (``training.recorded_teacher``) and the
+training file of the completions, for ``offline_topk``: the proxy-tuned model distilled offline.
 """
 from __future__ import annotations
 
@@ -80,6 +83,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--analysis", action="store_true",
                         help="also write per-token analysis (each model's top-1, prob of the chosen token)")
     parser.add_argument("--output", required=True, help="output JSONL file")
+    parser.add_argument("--topk-cache", dest="topk_cache", type=Path, default=None, metavar="DIR",
+                        help="also write the fused distribution's top-k before every generated token as a teacher "
+                             "cache for offline_topk, with its training file DIR/train.jsonl (e.g. distill the "
+                             "proxy-tuned model into one model)")
+    parser.add_argument("--topk", type=int, default=5, help="entries per position of --topk-cache (default 5)")
 
 
 def check_numbers(args) -> None:
@@ -100,6 +108,11 @@ def check_numbers(args) -> None:
                         "each, or neither for plain decoding of --target")
     if args.expert_chat_template and not args.expert:
         raise UserError("--expert-chat-template needs --expert")
+    if args.topk_cache is not None:
+        if args.topk < 1:
+            raise UserError(f"--topk must be >= 1, got {args.topk}")
+        if (args.topk_cache / "index.json").exists():
+            raise UserError(f"--topk-cache {args.topk_cache} already holds a cache; choose a new folder")
 
 
 def pick_rule(args) -> str:
@@ -243,7 +256,8 @@ def run(args) -> int:
         results = gen.generate(prompts, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                                fusion_params=fusion_params, temperature=args.temperature, top_k=args.top_k,
                                top_p=args.top_p, seed=args.seed, stop_strings=args.stop,
-                               analysis=args.analysis, encoded=encoded, progress=bar.update)
+                               analysis=args.analysis, encoded=encoded, progress=bar.update,
+                               record_topk=args.topk if args.topk_cache is not None else 0)
 
     fd, tmp = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".tmp", dir=out_path.parent)
     try:
@@ -256,4 +270,11 @@ def run(args) -> int:
             os.unlink(tmp)
         raise
     print(f"wrote {len(results)} completions to {out_path}")
+    if args.topk_cache is not None:
+        from proxytune_jax.training.recorded_teacher import answers_from_completions, write_teacher_cache
+        cache, data, skipped = write_teacher_cache(answers_from_completions(results, eos), tokenizers[0],
+                                                   args.topk_cache, skip_mismatched=True)
+        print(f"wrote the top-{args.topk} teacher cache {cache} and its training file {data}"
+              + (f" ({skipped} completions left out: their tokens are not the tokenizer's encoding of their text)"
+                 if skipped else ""))
     return 0

@@ -6,7 +6,7 @@ Two sources:
   of the training file (``training.topk_cache.build_topk_cache``);
 - a black-box teacher (``--responses FILE --tokenizer DIR``): recorded OpenAI-style responses with
   ``top_logprobs``; writes the training file of the generated texts next to the cache
-  (``training.api_teacher.build_api_topk_cache``).
+  (``training.recorded_teacher.build_api_topk_cache``).
 """
 from __future__ import annotations
 
@@ -48,7 +48,7 @@ def run(args) -> int:
     from transformers import AutoTokenizer
 
     from proxytune_jax.models.hub import resolve_model_path
-    from proxytune_jax.training.api_teacher import build_api_topk_cache
+    from proxytune_jax.training.recorded_teacher import build_api_topk_cache
     tok = AutoTokenizer.from_pretrained(resolve_model_path(args.tokenizer, what="tokenizer"))
     cache, data = build_api_topk_cache(args.responses, tok, args.out, k=args.k, data_out=args.data_out)
     print(f"wrote {cache} and the training file {data}")

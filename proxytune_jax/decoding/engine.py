@@ -61,6 +61,11 @@ class DecodeOutput:
     num_tokens: jax.Array  # [B] int32: tokens generated per row (EOS included)
     finish_reason: jax.Array  # [B] int32: stopping.EOS / STOP_STRING / LENGTH
     analysis: StepAnalysis | None
+    # with ``record_topk = k``: the fused distribution's top k before each generated token (log_softmax of the
+    # rule's scores, before sampling's banned ids / temperature / top-k / top-p): ids [B, N, k] (-1 once a
+    # row has finished) and log-probs [B, N, k] -- a top-k teacher cache of the fused model
+    topk_ids: jax.Array | None = None
+    topk_logp: jax.Array | None = None
 
 
 def _forward(graphdef, params, ids, mask, cache):
@@ -116,23 +121,28 @@ def _run_groups(graphdefs, params, groups, ids, masks, caches, *, shared_input):
     return logits, new_caches
 
 
-def _choose(logits, fusion_params, sampling, key, *, rule, vocab_size, analysis):
-    """Per-model logits [B, V_i] -> (token [B], optional per-model analysis rows)."""
+def _choose(logits, fusion_params, sampling, key, *, rule, vocab_size, analysis, record_topk=0):
+    """Per-model logits [B, V_i] -> (token [B], optional per-model analysis rows, optional fused top-k)."""
     sliced = [x[:, :vocab_size].astype(jnp.float32) for x in logits]  # shared id range
     scores = fusion.combine(rule, sliced, fusion_params)  # [B, V]
     token = choose_tokens(scores, sampling, key)
+    top = None
+    if record_topk:
+        logp, ids = jax.lax.top_k(jax.nn.log_softmax(scores, axis=-1), record_topk)
+        top = (ids.astype(jnp.int32), logp)
     if not analysis:
-        return token, None
+        return token, (None, top)
     top1 = jnp.stack([jnp.argmax(x, axis=-1) for x in sliced], axis=-1).astype(jnp.int32)  # [B, M]
     probs = jnp.stack([jnp.take_along_axis(jax.nn.softmax(x, axis=-1), token[:, None], axis=-1)[:, 0]
                        for x in sliced], axis=-1)  # [B, M]
     changed = jnp.argmax(scores, axis=-1).astype(jnp.int32) != top1[:, 0]
-    return token, (top1, probs, changed)
+    return token, ((top1, probs, changed), top)
 
 
 def decode_loop(graphdefs, params, prompt_ids, prompt_masks, caches, fusion_params, sampling: SamplingParams,
                 stop: StopCriteria, key, *, rule: str, vocab_size: int, max_new_tokens: int,
-                analysis: bool = False, pad_id: int = 0, groups: tuple[tuple[int, ...], ...] | None = None):
+                analysis: bool = False, pad_id: int = 0, groups: tuple[tuple[int, ...], ...] | None = None,
+                record_topk: int = 0):
     """Pure multi-model decode (see module doc). Per model i: ``prompt_ids[i]``/``prompt_masks[i]``
     ``[B, L_i]`` left-padded, ``caches[i]`` empty with ``L_i + max_new_tokens`` slots.
 
@@ -144,7 +154,8 @@ def decode_loop(graphdefs, params, prompt_ids, prompt_masks, caches, fusion_para
     groups = tuple((i,) for i in range(n_models)) if groups is None else groups
     b = prompt_ids[0].shape[0]
     n = max_new_tokens
-    choose = functools.partial(_choose, rule=rule, vocab_size=vocab_size, analysis=analysis)
+    choose = functools.partial(_choose, rule=rule, vocab_size=vocab_size, analysis=analysis,
+                               record_topk=record_topk)
 
     # prefill: each model on its own stream; a group's caches are stacked once here and stay stacked in the
     # loop (no per-step stack/unstack copies)
@@ -153,7 +164,12 @@ def decode_loop(graphdefs, params, prompt_ids, prompt_masks, caches, fusion_para
                                      shared_input=False)
 
     def record(t, token, extra, carry):
-        tokens, num, finished, reason, window, ana = carry
+        extra, top = extra
+        tokens, num, finished, reason, window, ana, tops = carry
+        if record_topk:
+            live = ~finished[:, None]
+            tops = (tops[0].at[:, t].set(jnp.where(live, top[0], -1)),
+                    tops[1].at[:, t].set(jnp.where(live, top[1], -jnp.inf)))
         token = jnp.where(finished, pad_id, token)
         tokens = tokens.at[:, t].set(token)
         eos_hit = is_eos(token, stop) & ~finished
@@ -169,15 +185,17 @@ def decode_loop(graphdefs, params, prompt_ids, prompt_masks, caches, fusion_para
                                chosen_prob=ana.chosen_prob.at[:, t].set(jnp.where(live[:, None], probs, 0.0)),
                                changed=ana.changed.at[:, t].set(changed & live))
         finished = finished | eos_hit | stop_hit | len_hit
-        return token, (tokens, num, finished, reason, window, ana)
+        return token, (tokens, num, finished, reason, window, ana, tops)
 
     ana0 = None
     if analysis:
         ana0 = StepAnalysis(top1=jnp.full((b, n, n_models), -1, jnp.int32),
                             chosen_prob=jnp.zeros((b, n, n_models), jnp.float32),
                             changed=jnp.zeros((b, n), bool))
+    tops0 = ((jnp.full((b, n, record_topk), -1, jnp.int32), jnp.full((b, n, record_topk), -jnp.inf, jnp.float32))
+             if record_topk else None)
     carry = (jnp.full((b, n), pad_id, jnp.int32), jnp.zeros((b,), jnp.int32), jnp.zeros((b,), bool),
-             jnp.full((b,), RUNNING, jnp.int32), init_byte_window(b, stop), ana0)
+             jnp.full((b,), RUNNING, jnp.int32), init_byte_window(b, stop), ana0, tops0)
     token, extra = choose(logits, fusion_params, sampling, jax.random.fold_in(key, 0))
     token, carry = record(0, token, extra, carry)
 
@@ -199,21 +217,23 @@ def decode_loop(graphdefs, params, prompt_ids, prompt_masks, caches, fusion_para
     for members, cache in zip(groups, final_groups):
         for i, c in zip(members, [cache] if len(members) == 1 else unstack_cache(cache, len(members))):
             final_caches[i] = c
-    tokens, num, _, reason, _, ana = rec
-    return DecodeOutput(tokens=tokens, num_tokens=num, finish_reason=reason, analysis=ana), tuple(final_caches)
+    tokens, num, _, reason, _, ana, tops = rec
+    top_ids, top_logp = tops if record_topk else (None, None)
+    return DecodeOutput(tokens=tokens, num_tokens=num, finish_reason=reason, analysis=ana, topk_ids=top_ids,
+                        topk_logp=top_logp), tuple(final_caches)
 
 
-_STATIC = ("graphdefs", "rule", "vocab_size", "max_new_tokens", "analysis", "pad_id", "groups")
+_STATIC = ("graphdefs", "rule", "vocab_size", "max_new_tokens", "analysis", "pad_id", "groups", "record_topk")
 decode_jit = jax.jit(decode_loop, static_argnames=_STATIC, donate_argnames=("caches",))
 
 
 def _decode_sweep_impl(graphdefs, params, prompt_ids, prompt_masks, cache_shapes, fusion_params, sampling,
-                       stop, key, *, rule, vocab_size, max_new_tokens, analysis, pad_id, groups):
+                       stop, key, *, rule, vocab_size, max_new_tokens, analysis, pad_id, groups, record_topk=0):
     def one(fp):
         caches = tuple(KVCache.zeros(**shape) for shape in cache_shapes)
         out, _ = decode_loop(graphdefs, params, prompt_ids, prompt_masks, caches, fp, sampling, stop, key,
                              rule=rule, vocab_size=vocab_size, max_new_tokens=max_new_tokens,
-                             analysis=analysis, pad_id=pad_id, groups=groups)
+                             analysis=analysis, pad_id=pad_id, groups=groups, record_topk=record_topk)
         return out
     return jax.vmap(one)(fusion_params)
 
@@ -276,6 +296,7 @@ class DecodeResult:
     num_tokens: np.ndarray  # [B]
     finish_reason: np.ndarray  # [B] int32 (stopping.EOS / STOP_STRING / LENGTH)
     analysis: dict[str, np.ndarray] | None  # top1 [B,N,M], chosen_prob [B,N,M], changed [B,N]
+    topk: "TopK | None" = None  # the fused distribution's top-k per generated token ([B, N, k]; record_topk)
 
     def token_lists(self) -> list[list[int]]:
         return [self.tokens[i, : int(self.num_tokens[i])].tolist() for i in range(self.tokens.shape[0])]
@@ -391,20 +412,23 @@ class Decoder:
         stop = stop if stop is not None else make_stop_criteria(eos_ids_of(self.configs[0]))
         return ids, masks, fp, sampling, stop, jax.random.key(seed)
 
-    def _static(self, max_new_tokens, analysis, pad_id):
+    def _static(self, max_new_tokens, analysis, pad_id, record_topk=0):
         return dict(graphdefs=self.graphdefs, rule=self.rule.name, vocab_size=self.vocab_size,
                     max_new_tokens=int(max_new_tokens), analysis=bool(analysis), pad_id=int(pad_id),
-                    groups=self.groups)
+                    groups=self.groups, record_topk=int(record_topk))
 
     def generate(self, prompts: Sequence[tuple[np.ndarray, np.ndarray]], *, max_new_tokens: int,
                  fusion_params: Mapping[str, Any] | None = None, sampling: SamplingParams | None = None,
                  stop: StopCriteria | None = None, seed: int = 0, analysis: bool = False,
-                 pad_id: int = 0) -> DecodeResult:
+                 pad_id: int = 0, record_topk: int = 0) -> DecodeResult:
         """Decode one batch. ``prompts[i] = (ids [B, L_i], mask [B, L_i])`` left-padded for model i.
 
-        ``stop`` defaults to the first model's ``eos_token_id``; ``sampling`` to greedy."""
+        ``stop`` defaults to the first model's ``eos_token_id``; ``sampling`` to greedy. ``record_topk = k``
+        also returns the fused distribution's top k before every generated token (``DecodeResult.topk``)."""
         if max_new_tokens < 1:
             raise UserError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if not 0 <= record_topk <= self.vocab_size:
+            raise UserError(f"record_topk must lie in [0, {self.vocab_size}], got {record_topk}")
         ids, masks, fp, sampling, stop, key = self._inputs(prompts, fusion_params, sampling, stop, seed)
         b = ids[0].shape[0]
         caches = self.init_caches(b, [x.shape[1] for x in ids], max_new_tokens)
@@ -412,7 +436,7 @@ class Decoder:
         with ctx:
             out, _ = decode_jit(params=self.params, prompt_ids=ids, prompt_masks=masks, caches=caches,
                                 fusion_params=fp, sampling=sampling, stop=stop, key=key,
-                                **self._static(max_new_tokens, analysis, pad_id))
+                                **self._static(max_new_tokens, analysis, pad_id, record_topk))
         return _to_host(out)
 
     def generate_sweep(self, prompts, *, max_new_tokens: int, fusion_params: Mapping[str, Any],
@@ -460,5 +484,9 @@ def _to_host(out: DecodeOutput) -> DecodeResult:
     if out.analysis is not None:
         ana = {"top1": np.asarray(out.analysis.top1), "chosen_prob": np.asarray(out.analysis.chosen_prob),
                "changed": np.asarray(out.analysis.changed)}
+    topk = None
+    if out.topk_ids is not None:
+        from proxytune_jax.topk import TopK
+        topk = TopK(np.asarray(out.topk_ids), np.asarray(out.topk_logp))
     return DecodeResult(tokens=np.asarray(out.tokens), num_tokens=np.asarray(out.num_tokens),
-                        finish_reason=np.asarray(out.finish_reason), analysis=ana)
+                        finish_reason=np.asarray(out.finish_reason), analysis=ana, topk=topk)

@@ -8,7 +8,7 @@ model's tokenizer (all tokenizers agree on the shared range), trimming at the fi
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -57,6 +57,7 @@ class Completion:
     token_ids: list[int]
     finish_reason: str  # "eos" | "stop" (a stop string) | "length"
     analysis: dict | None = None
+    topk: Any = None  # record_topk: the fused distribution's top-k before each token (topk.TopK [n, k])
 
     def to_json(self) -> dict:
         d = {"prompt": self.prompt, "completion": self.completion, "token_ids": self.token_ids,
@@ -90,9 +91,11 @@ class TextGenerator:
     def generate(self, prompts: Sequence[str], *, max_new_tokens: int, batch_size: int = 8,
                  fusion_params: dict | None = None, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
                  seed: int = 0, stop_strings: Sequence[str] = (), analysis: bool = False,
-                 encoded: list[list[list[int]]] | None = None, progress=None) -> list[Completion]:
+                 encoded: list[list[list[int]]] | None = None, progress=None,
+                 record_topk: int = 0) -> list[Completion]:
         """Decode all prompts in batches of ``batch_size`` (the last one padded). ``progress``: a callable
-        advanced once per batch (e.g. a tqdm's ``update``)."""
+        advanced once per batch (e.g. a tqdm's ``update``). ``record_topk = k``: each completion also gets the
+        fused distribution's top k before each of its tokens (``Completion.topk``)."""
         encoded = encoded if encoded is not None else self.encode(prompts, max_new_tokens)
         v = self.alignment.size
         sampling = SamplingParams.create(v, temperature=temperature, top_k=top_k, top_p=top_p)
@@ -108,7 +111,7 @@ class TextGenerator:
                      for i in range(len(encoded))]
             res = self.decoder.generate(batch, max_new_tokens=max_new_tokens, fusion_params=fusion_params,
                                         sampling=sampling, stop=stop, seed=seed + start, analysis=analysis,
-                                        pad_id=self.pad_id)
+                                        pad_id=self.pad_id, record_topk=record_topk)
             for k, r in enumerate(idx):
                 ids = res.tokens[k, : int(res.num_tokens[k])].tolist()
                 text = self.tokenizers[0].decode(ids, skip_special_tokens=True)
@@ -123,7 +126,11 @@ class TextGenerator:
                     ana = {"top1": res.analysis["top1"][k, :n].tolist(),
                            "chosen_prob": np.round(res.analysis["chosen_prob"][k, :n], 6).tolist(),
                            "changed": res.analysis["changed"][k, :n].astype(int).tolist()}
-                results.append(Completion(prompts[r], text, ids, FINISH_REASONS[reason], ana))
+                top = None
+                if record_topk:
+                    from proxytune_jax.topk import TopK
+                    top = TopK(res.topk.ids[k, :len(ids)], res.topk.logp[k, :len(ids)])
+                results.append(Completion(prompts[r], text, ids, FINISH_REASONS[reason], ana, top))
             if progress is not None:
                 progress(1)
         return results

@@ -1,4 +1,5 @@
-"""A black-box teacher from recorded API responses: OpenAI-style ``top_logprobs`` → a FIRST top-k cache.
+"""Teachers known by recorded top-k: API responses (OpenAI-style ``top_logprobs``) or the decoding engine's
+generations (``record_topk``, e.g. proxy-tuned decoding) → a training file and a FIRST top-k cache.
 
 A closed model behind an OpenAI-compatible server (OpenAI, vLLM, TGI, ...) answers prompts and, asked for
 ``logprobs``, returns for every generated token the top-k alternatives with their log-probs. Recorded to a
@@ -17,7 +18,9 @@ top_logprobs: [{token, logprob}]}``). ``build_api_topk_cache`` turns the file in
   teacher's top-k at the position before each generated token; positions without teacher information (the
   prompt, the end-of-sequence position, which APIs do not score) have empty rows and are not distilled.
 
-so that ``offline_topk`` (FIRST) trains a student on it. The teacher must share the student's tokenizer:
+so that ``offline_topk`` (FIRST) trains a student on it. The decoding engine records the same thing for its
+fused distribution (``TextGenerator.generate(..., record_topk=k)``, ``proxytune generate --topk-cache DIR``;
+``answers_from_completions``), including the step that chose EOS. The teacher must share the student's tokenizer:
 tokens are mapped to ids by their ``bytes`` when the response gives them (chat completions do), else by the
 tokenizer's raw token strings, else by the decoded text when only one id has it; the generated tokens must
 be exactly the tokenizer's encoding of the generated text, otherwise the record is refused with its line number (models with other tokenizers need a cross-tokenizer
@@ -27,6 +30,7 @@ the tail).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -37,6 +41,7 @@ import numpy as np
 
 from proxytune_jax.errors import UserError
 from proxytune_jax.jsonl import iter_jsonl
+from proxytune_jax.topk import TopK
 
 
 def token_id_map(tokenizer) -> tuple[dict[bytes, int], dict[str, int], dict[str, int]]:
@@ -100,20 +105,23 @@ def parse_response(response: dict, where: str):
     return text, tokens, alts
 
 
-def build_api_topk_cache(responses_file: str | Path, tokenizer, out_dir: str | Path, *, k: int = 5,
-                         data_out: str | Path | None = None) -> tuple[Path, Path]:
-    """Write ``<out_dir>`` (the top-k cache) and ``data_out`` (default ``<out_dir>/train.jsonl``) from recorded
-    responses; returns ``(cache_dir, data_file)``. See the module docstring."""
-    from proxytune_jax.losses.first import TopKCacheWriter
-    from proxytune_jax.training.data import _encode
+@dataclasses.dataclass
+class TeacherAnswer:
+    """One recorded answer: the prompt, the generated text and tokens (EOS excluded), and ``topk`` ``[m, k]``:
+    the teacher's top-k before each generated token (``m = len(token_ids)``, or one more when the step that
+    chose EOS was recorded too)."""
 
-    out_dir = Path(out_dir)
-    data_out = Path(data_out) if data_out else out_dir / "train.jsonl"
-    if tokenizer.eos_token_id is None:
-        raise UserError("the tokenizer has no eos_token_id; the training file ends every response with it")
+    prompt: str
+    text: str
+    token_ids: list[int]
+    topk: TopK
+    where: str
+
+
+def answers_from_responses(responses_file: str | Path, tokenizer, *, k: int = 5) -> list[TeacherAnswer]:
+    """Parse recorded OpenAI-style responses (see the module docstring) into ``TeacherAnswer``s."""
     maps = token_id_map(tokenizer)
-    vocab = len(tokenizer)
-    records = []
+    answers = []
     for lineno, obj in iter_jsonl(Path(responses_file), what="recorded responses",
                                   example='{"prompt": "...", "response": {"choices": [...]}}'):
         where = f"{responses_file}:{lineno}"
@@ -124,38 +132,92 @@ def build_api_topk_cache(responses_file: str | Path, tokenizer, out_dir: str | P
         if not text:
             raise UserError(f"{where}: the response is empty; remove the record")
         ids = [_to_id(t, b, maps) for t, b in tokens]
-        expected = _encode(tokenizer, text, False)
-        if None in ids or ids != expected:
-            raise UserError(f"{where}: the generated tokens are not this tokenizer's encoding of the generated text "
-                            "(another tokenizer, or a non-canonical tokenization); distill with the teacher's own "
-                            "tokenizer or drop the record")
-        prompt_ids = _encode(tokenizer, obj["prompt"], True)
-        n = len(prompt_ids) + len(ids) + 1  # + EOS, as training.data tokenizes the record
-        top_ids = np.full((n, k), -1, np.int32)
-        top_logp = np.full((n, k), -np.inf, np.float32)
-        for j, entries in enumerate(alts):  # the position predicting generated token j
+        top_ids = np.full((len(alts), k), -1, np.int32)
+        top_logp = np.full((len(alts), k), -np.inf, np.float32)
+        for j, entries in enumerate(alts):  # the alternatives for generated token j
             kept: dict[int, float] = {}
             for (token, token_bytes), value in entries:
                 i = _to_id(token, token_bytes, maps)
                 if i is not None and i not in kept and math.isfinite(value) and value <= 0:
                     kept[i] = value
             for slot, (i, v) in enumerate(list(kept.items())[:k]):
-                top_ids[len(prompt_ids) - 1 + j, slot], top_logp[len(prompt_ids) - 1 + j, slot] = i, v
-        records.append(({"prompt": obj["prompt"], "response": text}, top_ids, top_logp))
-    if not records:
+                top_ids[j, slot], top_logp[j, slot] = i, v
+        answers.append(TeacherAnswer(obj["prompt"], text, [-1 if i is None else i for i in ids],
+                                     TopK(top_ids, top_logp), where))
+    if not answers:
         raise UserError(f"{responses_file} holds no records")
-    with TopKCacheWriter(out_dir, k=k, vocab_size=vocab) as writer:
-        for _, ids, logp in records:
+    return answers
+
+
+def answers_from_completions(completions, eos_ids=()) -> list[TeacherAnswer]:
+    """``TeacherAnswer``s from ``TextGenerator.generate(..., record_topk=k)`` completions (the decoding
+    engine's fused distribution, e.g. proxy-tuning's): a trailing EOS is dropped from the tokens, its step's
+    top-k kept (training data end every response with EOS)."""
+    out = []
+    for i, c in enumerate(completions):
+        if c.topk is None:
+            raise UserError("the completions carry no top-k; generate with record_topk=k (--topk-cache)")
+        ids = list(c.token_ids)
+        if ids and c.finish_reason == "eos" and ids[-1] in set(eos_ids):
+            ids = ids[:-1]
+        out.append(TeacherAnswer(c.prompt, c.completion, ids, c.topk, f"completion {i}"))
+    return out
+
+
+def write_teacher_cache(answers: Sequence[TeacherAnswer], tokenizer, out_dir: str | Path, *,
+                        data_out: str | Path | None = None, skip_mismatched: bool = False) -> tuple[Path, Path, int]:
+    """Write the training file (``data_out``, default ``<out_dir>/train.jsonl``: ``{"prompt", "response"}``
+    per answer) and the top-k cache aligned with it (``<out_dir>``): the teacher's top-k for generated token j
+    at the position before it; unscored positions empty. An answer whose tokens are not the tokenizer's
+    encoding of its text is refused (or, with ``skip_mismatched``, left out and counted).
+    Returns ``(cache_dir, data_file, skipped)``."""
+    from proxytune_jax.losses.first import TopKCacheWriter
+    from proxytune_jax.training.data import _encode
+
+    out_dir = Path(out_dir)
+    data_out = Path(data_out) if data_out else out_dir / "train.jsonl"
+    if tokenizer.eos_token_id is None:
+        raise UserError("the tokenizer has no eos_token_id; the training file ends every response with it")
+    rows, skipped = [], 0
+    for a in answers:
+        if not a.text or a.token_ids != _encode(tokenizer, a.text, False):
+            if skip_mismatched:
+                skipped += 1
+                continue
+            raise UserError(f"{a.where}: the generated tokens are not this tokenizer's encoding of the generated "
+                            "text (another tokenizer, or a non-canonical tokenization); distill with the teacher's "
+                            "own tokenizer or drop the record")
+        prompt_ids = _encode(tokenizer, a.prompt, True)
+        k = a.topk.k
+        n = len(prompt_ids) + len(a.token_ids) + 1  # + EOS, as training.data tokenizes the record
+        top_ids = np.full((n, k), -1, np.int32)
+        top_logp = np.full((n, k), -np.inf, np.float32)
+        m = min(len(a.topk.ids), len(a.token_ids) + 1)
+        top_ids[len(prompt_ids) - 1:len(prompt_ids) - 1 + m] = np.asarray(a.topk.ids)[:m]
+        top_logp[len(prompt_ids) - 1:len(prompt_ids) - 1 + m] = np.asarray(a.topk.logp, np.float32)[:m]
+        rows.append(({"prompt": a.prompt, "response": a.text}, top_ids, top_logp))
+    if not rows:
+        raise UserError("no answer is left to write (every one was skipped)")
+    with TopKCacheWriter(out_dir, k=rows[0][1].shape[1], vocab_size=len(tokenizer)) as writer:
+        for _, ids, logp in rows:
             writer.add(ids, logp)
     data_out.parent.mkdir(parents=True, exist_ok=True)
     tmp = data_out.with_name(data_out.name + ".tmp")
     with open(tmp, "w", encoding="utf-8") as f:
-        for rec, _, _ in records:
+        for rec, _, _ in rows:
             f.write(json.dumps(rec, ensure_ascii=False) + "\n")
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, data_out)
-    return out_dir, data_out
+    return out_dir, data_out, skipped
+
+
+def build_api_topk_cache(responses_file: str | Path, tokenizer, out_dir: str | Path, *, k: int = 5,
+                         data_out: str | Path | None = None) -> tuple[Path, Path]:
+    """Recorded responses -> ``(cache_dir, data_file)`` (``answers_from_responses`` + ``write_teacher_cache``)."""
+    cache, data, _ = write_teacher_cache(answers_from_responses(responses_file, tokenizer, k=k), tokenizer, out_dir,
+                                         data_out=data_out)
+    return cache, data
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -180,5 +242,6 @@ if __name__ == "__main__":
     raise SystemExit(main())
 
 
-__all__ = ["build_api_topk_cache", "parse_response", "token_id_map"]
+__all__ = ["TeacherAnswer", "answers_from_completions", "answers_from_responses", "build_api_topk_cache",
+           "parse_response", "token_id_map", "write_teacher_cache"]
 

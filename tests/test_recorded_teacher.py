@@ -1,4 +1,4 @@
-"""A black-box teacher from recorded OpenAI-style responses (``training.api_teacher``): the recorded top-k
+"""A black-box teacher from recorded OpenAI-style responses (``training.recorded_teacher``): the recorded top-k
 becomes the same cache a local teacher writes (``training.topk_cache.build_topk_cache``, the reference here),
 at every scored position, in both response formats; ``offline_topk`` trains on it from the CLI."""
 from __future__ import annotations
@@ -93,7 +93,7 @@ def test_recorded_responses_give_the_local_teachers_cache_and_train(fmt, tiny_ch
 def test_bad_recordings_are_refused_with_their_line(tiny_checkpoint, tmp_path):
     from transformers import AutoTokenizer
 
-    from proxytune_jax.training.api_teacher import build_api_topk_cache
+    from proxytune_jax.training.recorded_teacher import build_api_topk_cache
 
     tok = AutoTokenizer.from_pretrained(tiny_checkpoint("llama", seed=2, hidden_size=64, intermediate_size=96))
     ok = {"choices": [{"text": " a: 1", "logprobs": {"tokens": tok.convert_ids_to_tokens(
