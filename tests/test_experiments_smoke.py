@@ -44,7 +44,7 @@ def in_unit(x) -> bool:
 def test_every_script_is_covered():
     covered = {"proxy_tune_llama2", "summarization_fusion", "code_adaptation", "task_tuning",
                "distill_sinkd_glue", "distill_losses", "distill_first", "distill_bayesian", "toyworld_seeds",
-               "sinkhorn_gradients"}
+               "sinkhorn_gradients", "toyworld_gkd", "toyworld_proxy_distill"}
     assert set(SCRIPTS) <= covered, f"add a smoke test for {sorted(set(SCRIPTS) - covered)}"
     for name in SCRIPTS:
         doc = (REPO / "experiments" / f"{name}.py").read_text()
@@ -128,6 +128,26 @@ def test_toyworld_seeds(tmp_path):
     for b in ("base-large", "tuned-small"):  # margins are the differences of the accuracies above
         assert r["summary"][b]["margins"] == [pytest.approx(row["proxy-tuned-large"] - row[b])]
         assert isinstance(r["summary"][b]["holds"], bool)
+
+
+def test_toyworld_gkd(tmp_path):
+    from proxytune_jax.toyworld.distill import EXTRA_METHODS
+    r = run_smoke("toyworld_gkd", tmp_path)
+    (table,) = r.values()
+    assert set(EXTRA_METHODS) <= set(table["methods"])
+    for m, row in table["methods"].items():
+        assert in_unit(row["accuracy"]["mean"]) and in_unit(row["agreement"]["mean"]), m
+    assert "gkd_on_policy - word_kd" in table["differences"]
+
+
+def test_toyworld_proxy_distill(tmp_path):
+    r = run_smoke("toyworld_proxy_distill", tmp_path)
+    (world,) = r.values()
+    for start in ("base-small", "base-large"):
+        s = world["students"][start]
+        assert len(s["accuracy"]) == 1 and in_unit(s["accuracy"][0]) and in_unit(s["agreement_with_proxy"][0])
+        assert math.isfinite(s["final_kl"][0]) and s["final_kl"][0] >= 0
+    assert set(world["seconds_per_token"]) == {"proxy-tuned-large", "distilled base-small", "distilled base-large"}
 
 
 def test_sinkhorn_gradients(capsys):
