@@ -27,9 +27,25 @@ def fast_compiles():
     jax.config.update("jax_disable_most_optimizations", before)
 
 
-def run_smoke(name: str, out: Path) -> dict:
+@pytest.fixture(scope="session")
+def quick_world_cache(tmp_path_factory) -> Path:
+    """The demo's ``--quick`` world (seed 0), built once per session into a cache the toy-world scripts'
+    smoke runs share (a file lock: one xdist worker builds, the others wait and load)."""
+    from filelock import FileLock
+
+    from proxytune_jax.commands.demo import configs
+    from proxytune_jax.toyworld.build import build_toyworld
+
+    root = tmp_path_factory.getbasetemp().parent / "toyworld_quick"
+    root.mkdir(exist_ok=True)
+    with FileLock(str(root / ".lock")):
+        build_toyworld(configs(True, 0).toyworld, root / "cache", progress=False, log=lambda *_: None)
+    return root / "cache"
+
+
+def run_smoke(name: str, out: Path, *extra: str) -> dict:
     module = importlib.import_module(f"experiments.{name}")
-    results = module.main(["--smoke", "--out", str(out)])
+    results = module.main(["--smoke", "--out", str(out), *extra])
     assert isinstance(results, dict)
     written = list((out / "results").glob("*.json"))
     assert written, f"{name} wrote no results JSON"
@@ -121,8 +137,8 @@ def test_distill_bayesian(tmp_path):
         assert in_unit(r["runs"][name]["exact_match"])
 
 
-def test_toyworld_seeds(tmp_path):
-    r = run_smoke("toyworld_seeds", tmp_path)
+def test_toyworld_seeds(tmp_path, quick_world_cache):
+    r = run_smoke("toyworld_seeds", tmp_path, "--cache-dir", str(quick_world_cache))
     (row,) = r["per_seed"].values()
     assert all(in_unit(row[k]) for k in ("base-large", "tuned-small", "proxy-tuned-large", "tuned-large"))
     for b in ("base-large", "tuned-small"):  # margins are the differences of the accuracies above
@@ -130,18 +146,19 @@ def test_toyworld_seeds(tmp_path):
         assert isinstance(r["summary"][b]["holds"], bool)
 
 
-def test_toyworld_gkd(tmp_path):
+def test_toyworld_gkd(tmp_path, quick_world_cache):
     from proxytune_jax.toyworld.distill import EXTRA_METHODS
-    r = run_smoke("toyworld_gkd", tmp_path)
+    r = run_smoke("toyworld_gkd", tmp_path, "--cache-dir", str(quick_world_cache),
+                  "--methods", "word_kd", "gkd_mixed", "taid")
     (table,) = r.values()
-    assert set(EXTRA_METHODS) <= set(table["methods"])
+    assert {"word_kd", "gkd_mixed", "taid"} == set(table["methods"]) and {"gkd_mixed", "taid"} <= set(EXTRA_METHODS)
     for m, row in table["methods"].items():
         assert in_unit(row["accuracy"]["mean"]) and in_unit(row["agreement"]["mean"]), m
-    assert "gkd_on_policy - word_kd" in table["differences"]
+    assert {"gkd_mixed - word_kd", "taid - word_kd"} <= set(table["differences"])
 
 
-def test_toyworld_proxy_distill(tmp_path):
-    r = run_smoke("toyworld_proxy_distill", tmp_path)
+def test_toyworld_proxy_distill(tmp_path, quick_world_cache):
+    r = run_smoke("toyworld_proxy_distill", tmp_path, "--cache-dir", str(quick_world_cache))
     (world,) = r.values()
     for start in ("base-small", "base-large"):
         s = world["students"][start]

@@ -215,16 +215,23 @@ def test_topk_cache_of_the_fused_distribution_matches_a_teacher_forced_reference
     kept = [r for r in rows if r["completion"] and tok.encode(r["completion"], add_special_tokens=False)
             == [t for t in r["token_ids"] if t != 2]]
     assert [d["response"] for d in data] == [r["completion"] for r in kept] and kept  # greedy: deterministic
-    models = [load_pretrained(dirs[n]) for n in ("target", "expert", "anti")]
+    import jax
+    from flax import nnx
+    models = [nnx.split(load_pretrained(dirs[n])) for n in ("target", "expert", "anti")]
+    forwards = [jax.jit(lambda p, i, m, g=g: nnx.merge(g, p)(i, m)[0]) for g, _ in models]
+    width = 48  # every sequence left-padded to one width: one compile per model
     cache = TopKCache(cache_dir)
     for i, r in enumerate(kept):
         prompts = [encode_prompt(tok, r["prompt"], chat_template=c) for c in (False, True, False)]
         gen = r["token_ids"]
         lps = []
-        for m, p in zip(models, prompts):
-            ids = jnp.asarray([p + gen], jnp.int32)
-            logits, _ = m(ids, jnp.ones_like(ids))
-            lps.append(np_log_softmax(np.asarray(logits[0, len(p) - 1:len(p) - 1 + len(gen)], np.float64)))
+        for (_, params), fwd, p in zip(models, forwards, prompts):
+            seq = p + gen
+            ids, mask = np.zeros((1, width), np.int32), np.zeros((1, width), np.int32)
+            ids[0, width - len(seq):], mask[0, width - len(seq):] = seq, 1
+            logits = np.asarray(fwd(params, jnp.asarray(ids), jnp.asarray(mask))[0], np.float64)
+            start = width - len(seq) + len(p) - 1
+            lps.append(np_log_softmax(logits[start:start + len(gen)]))
         fused = np_log_softmax(lps[0] + alpha * (lps[1] - lps[2]))
         n_prompt = len(tok.encode(r["prompt"], add_special_tokens=True))
         got = cache[i]

@@ -33,17 +33,34 @@ def test_prompts_of_keeps_the_tokens_before_the_first_target_right_aligned():
         assert np.all(ids[i][~mask[i]] == 0)
 
 
-def _greedy_brute_force(model, prompt: list[int], n: int, eos: int) -> list[int]:
-    """Greedy decoding by full forwards over the whole sequence (no cache, no padding)."""
+def _greedy_brute_force(model, prompt: list[int], n: int, eos: int, width: int = 16) -> list[int]:
+    """Greedy decoding by full forwards over the whole sequence (no cache), left-padded to one width so a
+    single compiled forward serves every length."""
+    from flax import nnx
+    graphdef, params = nnx.split(model)
+    forward = _jitted_forward(graphdef)
     seq, out = list(prompt), []
     for _ in range(n):
-        logits, _ = model(jnp.asarray([seq], jnp.int32), jnp.ones((1, len(seq)), jnp.int32))
+        ids = np.zeros((1, width), np.int32)
+        mask = np.zeros((1, width), np.int32)
+        ids[0, width - len(seq):], mask[0, width - len(seq):] = seq, 1
+        logits = forward(params, jnp.asarray(ids), jnp.asarray(mask))
         tok = int(jnp.argmax(logits[0, -1]))
         out.append(tok)
         seq.append(tok)
         if tok == eos:
             break
     return out
+
+
+_FORWARDS = {}
+
+
+def _jitted_forward(graphdef):
+    from flax import nnx
+    if graphdef not in _FORWARDS:
+        _FORWARDS[graphdef] = jax.jit(lambda p, i, m: nnx.merge(graphdef, p)(i, m)[0])
+    return _FORWARDS[graphdef]
 
 
 @pytest.fixture(scope="module")
