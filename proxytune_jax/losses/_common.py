@@ -82,13 +82,18 @@ def log_probs(logits, temperature=1.0) -> jax.Array:
 def kl_terms(lp, lr) -> jax.Array:
     """Elementwise ``p·(log p − log r)`` with ``p = exp(lp)``; exactly 0 (value and gradient) where p = 0.
 
-    Entries with p > 0 but r = 0 give +inf: the divergence really is infinite there.
+    Entries with p > 0 but r = 0 give +inf: the divergence really is infinite there. Their gradient is that of
+    ``p·(log p − log r_min)`` with ``r_min`` the smallest normal float (finite: it moves p's mass off the entry,
+    as the divergence asks), instead of the NaN that differentiating through the infinity would give.
     """
     p = jnp.exp(lp)
     pos = p > 0
+    lost = pos & jnp.isneginf(lr)
+    floor = jnp.log(jnp.finfo(jnp.result_type(lr)).tiny)
     lp_s = jnp.where(pos, lp, 0.0)
-    lr_s = jnp.where(pos, lr, 0.0)
-    return jnp.where(pos, p * (lp_s - lr_s), 0.0)
+    lr_s = jnp.where(pos & ~lost, lr, jnp.where(lost, floor, 0.0))
+    finite = jnp.where(pos, p * (lp_s - lr_s), 0.0)
+    return jnp.where(lost, finite + jnp.inf, finite)
 
 
 def kl_from_log_probs(lp, lr) -> jax.Array:

@@ -16,6 +16,7 @@ Hence ``forward_kl(a, b) == reverse_kl(b, a)`` for any logits ``a, b``.
 from __future__ import annotations
 
 import math
+import numbers
 
 import jax
 import jax.numpy as jnp
@@ -52,11 +53,16 @@ def reverse_kl_per_position(student_logits, teacher_logits, *, temperature=1.0):
 
 
 def _log_mixture(lp, lq, weight_p):
-    """``log(w·p + (1−w)·q)`` via logaddexp, for a Python ``w`` strictly inside (0, 1)."""
+    """``log(w·p + (1−w)·q)`` via logaddexp, for ``w`` in [0, 1] (a Python number or a traced scalar)."""
     both_zero = jnp.isneginf(lp) & jnp.isneginf(lq)  # keep logaddexp away from (-inf, -inf)
-    lm = jnp.logaddexp(jnp.where(both_zero, 0.0, lp) + math.log(weight_p),
-                       jnp.where(both_zero, 0.0, lq) + math.log1p(-weight_p))
+    w = jnp.asarray(weight_p, lp.dtype)
+    lw, l1w = jnp.log(w), jnp.log1p(-w)  # -inf at the ends: that side's term drops out of logaddexp
+    lm = jnp.logaddexp(jnp.where(both_zero, 0.0, lp) + lw, jnp.where(both_zero, 0.0, lq) + l1w)
     return jnp.where(both_zero, -jnp.inf, lm)
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, numbers.Number)
 
 
 def js_divergence_per_position(student_logits, teacher_logits, *, temperature=1.0):
@@ -82,11 +88,11 @@ def skew_forward_kl_per_position(student_logits, teacher_logits, *, temperature=
     check_unit_interval("alpha", alpha)
     lp = log_probs(teacher_logits, temperature)
     lq = log_probs(student_logits, temperature)
-    if alpha == 0:
+    if _is_number(alpha) and alpha == 0:
         return kl_from_log_probs(lp, lq)
-    if alpha == 1:
+    if _is_number(alpha) and alpha == 1:
         return jnp.zeros(lp.shape[:-1], lp.dtype)
-    return kl_from_log_probs(lp, _log_mixture(lp, lq, alpha))
+    return kl_from_log_probs(lp, _log_mixture(lp, lq, alpha))  # also exact at traced 0 and 1
 
 
 def skew_reverse_kl_per_position(student_logits, teacher_logits, *, temperature=1.0, alpha=0.1):
@@ -101,18 +107,22 @@ def generalized_jsd_per_position(student_logits, teacher_logits, *, temperature=
 
     Endpoints are special-cased exactly as TRL does: ``β = 0`` returns forward ``KL(p ‖ q)`` and ``β = 1``
     returns reverse ``KL(q ‖ p)`` (the general formula would give 0 at both ends, so the function is
-    discontinuous there by convention). ``β = 0.5`` is ``js_divergence``. ``beta`` must be a Python number.
+    discontinuous there by convention). ``β = 0.5`` is ``js_divergence``. ``beta`` may be traced (``jit``,
+    ``vmap`` over β): the endpoints are then selected with ``where``.
     """
     check_positive("temperature", temperature)
     check_unit_interval("beta", beta)
     lp = log_probs(teacher_logits, temperature)
     lq = log_probs(student_logits, temperature)
-    if beta == 0:
+    if _is_number(beta) and beta == 0:
         return kl_from_log_probs(lp, lq)
-    if beta == 1:
+    if _is_number(beta) and beta == 1:
         return kl_from_log_probs(lq, lp)
     lm = _log_mixture(lp, lq, beta)
-    return beta * kl_from_log_probs(lp, lm) + (1.0 - beta) * kl_from_log_probs(lq, lm)
+    general = beta * kl_from_log_probs(lp, lm) + (1.0 - beta) * kl_from_log_probs(lq, lm)
+    if _is_number(beta):
+        return general
+    return jnp.where(beta == 0, kl_from_log_probs(lp, lq), jnp.where(beta == 1, kl_from_log_probs(lq, lp), general))
 
 
 # AKL head/tail split (released rule, without a sort) ------------------------------------------------------
@@ -247,7 +257,10 @@ def _weighted_fkl_rkl_bwd(res, g):
     lp, lq, w_fkl, w_rkl = res
     p, q = jnp.exp(lp), jnp.exp(lq)
     a, b = (g * w_fkl)[..., None], (g * w_rkl)[..., None]
-    d = lp - lq
+    # a zero probability enters as the smallest normal float, as in ``kl_terms`` (an infinite divergence
+    # still gets a finite gradient)
+    floor = jnp.log(jnp.finfo(jnp.result_type(lp)).tiny)
+    d = jnp.where(jnp.isneginf(lp), floor, lp) - jnp.where(jnp.isneginf(lq), floor, lq)
     on_p, on_q = p > 0, q > 0
     d_lp = jnp.where(on_p, a * p * (d + 1.0), 0.0) - jnp.where(on_q, b * q, 0.0)
     d_lq = jnp.where(on_q, b * q * (1.0 - d), 0.0) - jnp.where(on_p, a * p, 0.0)

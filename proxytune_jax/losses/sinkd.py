@@ -120,6 +120,8 @@ def sinkd(student_logits, teacher_logits, mask=None, *, temperature=2.0, epsilon
     _check_pair(student_logits, teacher_logits)
     s, m = _flatten(student_logits, mask)
     t, _ = _flatten(teacher_logits, mask)
+    if s.shape[0] == 0:  # an empty batch: nothing to transport (0, with a zero gradient)
+        return jnp.sum(s) * 0.0
     cost = l1_cdist(_probs(s, temperature), _probs(t, temperature))
     return _unrolled_loss(cost, m, epsilon, num_iters, weight)
 
@@ -202,6 +204,8 @@ def sinkhorn_ott(student_logits, teacher_logits, mask=None, *, temperature=2.0, 
     _check_pair(student_logits, teacher_logits)
     s, m = _flatten(student_logits, mask)
     t, _ = _flatten(teacher_logits, mask)
+    if s.shape[0] == 0:  # an empty batch: nothing to transport (0, with a zero gradient)
+        return jnp.sum(s) * 0.0
     cost = l1_cdist(_probs(s, temperature), _probs(t, temperature))
     return weight * ott_transport_cost(cost, m, epsilon=epsilon, threshold=threshold, max_iterations=max_iterations,
                                        implicit_diff=implicit_diff)
