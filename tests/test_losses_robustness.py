@@ -72,3 +72,12 @@ def test_float_hyperparameters_can_be_traced_under_jit_and_vmap(name):
         np.testing.assert_allclose([float(jitted(jnp.float32(v))) for v in values], want, rtol=1e-5, atol=1e-6)
         swept = jax.vmap(lambda x: _call(name, s, t, None, **{key: x}))(jnp.asarray(values, jnp.float32))
         np.testing.assert_allclose(np.asarray(swept), want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("impl", ["chunked_loss", "chunked_loss_remat"])
+def test_the_chunked_path_takes_an_empty_batch(impl):
+    from proxytune_jax import losses
+    fn = getattr(losses, impl)
+    h, w = jnp.zeros((0, 5, 8)), jnp.asarray(np.random.default_rng(2).normal(size=(11, 8)), jnp.float32)
+    v, (gh, gw) = jax.value_and_grad(lambda x, y: fn("forward_kl", x, y, h, w), argnums=(0, 1))(h, w)
+    assert float(v) == 0.0 and gh.shape == h.shape and np.all(np.asarray(gw) == 0.0)

@@ -110,8 +110,8 @@ def _prepare(student_hidden, student_weight, teacher_hidden, teacher_weight, mas
         if v.shape[: len(lead)] != lead:
             raise UserError(f"position_args[{k!r}] has shape {v.shape}; it must start with the positions {lead}.")
         pos[k] = _to_chunks(v.reshape((n,) + v.shape[len(lead):]), n, n_pad, chunk)
-    hs = _to_chunks(student_hidden.reshape(n, -1), n, n_pad, chunk)
-    ht = _to_chunks(teacher_hidden.reshape(n, -1), n, n_pad, chunk)
+    hs = _to_chunks(student_hidden.reshape(n, student_hidden.shape[-1]), n, n_pad, chunk)  # n may be 0
+    ht = _to_chunks(teacher_hidden.reshape(n, teacher_hidden.shape[-1]), n, n_pad, chunk)
     mc = _to_chunks(m.reshape(n), n, n_pad, chunk)
     return lead, n, m, hs, ht, mc, pos
 
