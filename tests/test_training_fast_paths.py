@@ -179,7 +179,7 @@ def test_attend_causal_equals_attend_with_padding_and_windows(t, num_blocks):
 @given(st.integers(0, 2**31 - 1), st.integers(1, 40), st.data())
 def test_attend_causal_equals_attend_for_random_causal_masks(seed, t, data):
     r = np.random.default_rng(seed)
-    num_blocks = data.draw(st.integers(1, t))
+    num_blocks = data.draw(st.integers(1, min(t, 12)))  # compile time grows with the (unrolled) block count
     allowed = (r.random((2, t, t)) < 0.6) & np.tril(np.ones((t, t), bool))  # any mask inside the triangle
     _causal_blocks_case(r, 2, t, 4, 2, 4, allowed, num_blocks)
 

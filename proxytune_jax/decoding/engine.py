@@ -36,7 +36,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from proxytune_jax.decoding import fusion
-from proxytune_jax.decoding.sampling import SamplingParams, choose_tokens
+from proxytune_jax.decoding.sampling import SamplingParams, choose_tokens, fold_in
 from proxytune_jax.decoding.stopping import (EOS, LENGTH, RUNNING, STOP_STRING, StopCriteria, init_byte_window,
                                              is_eos, make_stop_criteria, push_and_match)
 from proxytune_jax.errors import UserError
@@ -196,7 +196,7 @@ def decode_loop(graphdefs, params, prompt_ids, prompt_masks, caches, fusion_para
              if record_topk else None)
     carry = (jnp.full((b, n), pad_id, jnp.int32), jnp.zeros((b,), jnp.int32), jnp.zeros((b,), bool),
              jnp.full((b,), RUNNING, jnp.int32), init_byte_window(b, stop), ana0, tops0)
-    token, extra = choose(logits, fusion_params, sampling, jax.random.fold_in(key, 0))
+    token, extra = choose(logits, fusion_params, sampling, fold_in(key, 0))
     token, carry = record(0, token, extra, carry)
 
     def cond(state):
@@ -208,7 +208,7 @@ def decode_loop(graphdefs, params, prompt_ids, prompt_masks, caches, fusion_para
         ones = jnp.ones((b, 1), bool)
         # append the chosen token to every stream
         lgs, new_cs = _run_groups(graphdefs, params, groups, token[:, None], ones, cs, shared_input=True)
-        nxt, extra = choose(lgs, fusion_params, sampling, jax.random.fold_in(key, t + 1))
+        nxt, extra = choose(lgs, fusion_params, sampling, fold_in(key, t + 1))
         nxt, rec = record(t + 1, nxt, extra, rec)
         return t + 1, nxt, tuple(new_cs), rec
 
@@ -394,7 +394,7 @@ class Decoder:
             caches.append(_cache_maker(*shape.values(), _Hashable(shardings))())
         return tuple(caches)
 
-    def _inputs(self, prompts, fusion_params, sampling, stop, seed):
+    def _inputs(self, prompts, fusion_params, sampling, stop, seed, row_ids=None):
         if len(prompts) != len(self.graphdefs):
             raise ValueError(f"one (ids, mask) prompt batch per model: {len(self.graphdefs)} expected")
         prompts = [(np.asarray(p[0], np.int32), np.asarray(p[1], bool)) for p in prompts]
@@ -410,7 +410,12 @@ class Decoder:
         fp = fusion.resolve_params(self.rule, fusion_params)
         sampling = sampling if sampling is not None else SamplingParams.create(self.vocab_size)
         stop = stop if stop is not None else make_stop_criteria(eos_ids_of(self.configs[0]))
-        return ids, masks, fp, sampling, stop, jax.random.key(seed)
+        b = ids[0].shape[0]
+        rows = np.arange(b) if row_ids is None else np.asarray(row_ids)
+        if rows.shape != (b,):
+            raise UserError(f"row_ids must give one id per row ({b}), got shape {rows.shape}")
+        keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(jax.random.key(seed), jnp.asarray(rows, jnp.uint32))
+        return ids, masks, fp, sampling, stop, keys
 
     def _static(self, max_new_tokens, analysis, pad_id, record_topk=0):
         return dict(graphdefs=self.graphdefs, rule=self.rule.name, vocab_size=self.vocab_size,
@@ -420,8 +425,12 @@ class Decoder:
     def generate(self, prompts: Sequence[tuple[np.ndarray, np.ndarray]], *, max_new_tokens: int,
                  fusion_params: Mapping[str, Any] | None = None, sampling: SamplingParams | None = None,
                  stop: StopCriteria | None = None, seed: int = 0, analysis: bool = False,
-                 pad_id: int = 0, record_topk: int = 0) -> DecodeResult:
+                 pad_id: int = 0, record_topk: int = 0, row_ids: Sequence[int] | None = None) -> DecodeResult:
         """Decode one batch. ``prompts[i] = (ids [B, L_i], mask [B, L_i])`` left-padded for model i.
+
+        Sampling draws row b's tokens from its own stream, keyed by ``(seed, row_ids[b])`` (default: the row's
+        index): give each prompt its index in the whole input and its sample does not depend on the batch
+        size or its row.
 
         ``stop`` defaults to the first model's ``eos_token_id``; ``sampling`` to greedy. ``record_topk = k``
         also returns the fused distribution's top k before every generated token (``DecodeResult.topk``)."""
@@ -429,7 +438,7 @@ class Decoder:
             raise UserError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         if not 0 <= record_topk <= self.vocab_size:
             raise UserError(f"record_topk must lie in [0, {self.vocab_size}], got {record_topk}")
-        ids, masks, fp, sampling, stop, key = self._inputs(prompts, fusion_params, sampling, stop, seed)
+        ids, masks, fp, sampling, stop, key = self._inputs(prompts, fusion_params, sampling, stop, seed, row_ids)
         b = ids[0].shape[0]
         caches = self.init_caches(b, [x.shape[1] for x in ids], max_new_tokens)
         ctx = jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()

@@ -94,7 +94,8 @@ class TextGenerator:
                  encoded: list[list[list[int]]] | None = None, progress=None,
                  record_topk: int = 0) -> list[Completion]:
         """Decode all prompts in batches of ``batch_size`` (the last one padded). ``progress``: a callable
-        advanced once per batch (e.g. a tqdm's ``update``). ``record_topk = k``: each completion also gets the
+        advanced once per batch (e.g. a tqdm's ``update``). Sampling is batch-invariant: prompt i draws from
+        the stream of ``(seed, i)``, whatever ``batch_size`` and its row. ``record_topk = k``: each completion also gets the
         fused distribution's top k before each of its tokens (``Completion.topk``)."""
         encoded = encoded if encoded is not None else self.encode(prompts, max_new_tokens)
         v = self.alignment.size
@@ -110,8 +111,8 @@ class TextGenerator:
             batch = [left_pad([encoded[i][r] for r in rows], lengths[i], self.pad_id)
                      for i in range(len(encoded))]
             res = self.decoder.generate(batch, max_new_tokens=max_new_tokens, fusion_params=fusion_params,
-                                        sampling=sampling, stop=stop, seed=seed + start, analysis=analysis,
-                                        pad_id=self.pad_id, record_topk=record_topk)
+                                        sampling=sampling, stop=stop, seed=seed, analysis=analysis,
+                                        pad_id=self.pad_id, record_topk=record_topk, row_ids=rows)
             for k, r in enumerate(idx):
                 ids = res.tokens[k, : int(res.num_tokens[k])].tolist()
                 text = self.tokenizers[0].decode(ids, skip_special_tokens=True)

@@ -99,11 +99,27 @@ def process_scores(scores: jax.Array, params: SamplingParams) -> jax.Array:
                         lambda s: s, scores)
 
 
+def is_row_keys(key) -> bool:
+    """``key`` is a typed key array with one key per row (``[B]``), not one key for the batch."""
+    return jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key) and key.ndim == 1
+
+
+def fold_in(key, data):
+    """``jax.random.fold_in`` for one key or one key per row."""
+    if is_row_keys(key):
+        return jax.vmap(jax.random.fold_in, in_axes=(0, None))(key, data)
+    return jax.random.fold_in(key, data)
+
+
 def choose_tokens(scores: jax.Array, params: SamplingParams, key: jax.Array) -> jax.Array:
-    """scores [B, V] -> tokens [B] int32: argmax when temperature == 0, else a categorical draw."""
+    """scores [B, V] -> tokens [B] int32: argmax when temperature == 0, else a categorical draw. ``key``: one
+    key for the batch, or a typed key per row (``[B]``: each row's draw depends on its own key only, so a
+    prompt's sample does not depend on the batch it is decoded in)."""
     def sample(s):
         final = process_scores(s, params)
         final = jnp.where(jnp.all(final == NEG_INF, axis=-1, keepdims=True), 0.0, final)
+        if is_row_keys(key):
+            return jax.vmap(lambda k, f: jax.random.categorical(k, f))(key, final).astype(jnp.int32)
         return jax.random.categorical(key, final, axis=-1).astype(jnp.int32)
 
     def greedy(s):  # top-k / top-p / temperature never change the argmax: only the banned ids matter
