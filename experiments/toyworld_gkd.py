@@ -24,9 +24,10 @@ seed, cached in ``--out``.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 from pathlib import Path
+
+from proxytune_jax.jsonl import write_json_atomic
 
 METHODS = ("sft_gold", "word_kd", "seq_kd", "gkd_mixed", "gkd_on_policy", "gkd_on_policy_jsd", "taid")
 KEYS = ("accuracy", "agreement", "fact_recall", "nll", "ece", "kl_teacher_student")
@@ -94,9 +95,7 @@ def main(argv=None) -> dict:
             print(f"| {LABELS[m]} | " + " | ".join(cells) + " |")
     path = args.out / "results" / "toyworld_gkd.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(results, indent=1) + "\n")
-    tmp.replace(path)
+    write_json_atomic(path, results, indent=1)
     print(f"wrote {path}")
     return results
 

@@ -27,12 +27,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import statistics
 import time
 from pathlib import Path
 
 import numpy as np
+
+from proxytune_jax.jsonl import write_json_atomic
 
 STUDENTS = ("base-small", "base-large")
 
@@ -158,9 +159,7 @@ def main(argv=None) -> dict:
                   f"{spt[f'distilled {start}'] / one:.2f} |")
     path = args.out / "results" / "toyworld_proxy_distill.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(results, indent=1) + "\n")
-    tmp.replace(path)
+    write_json_atomic(path, results, indent=1)
     print(f"wrote {path}")
     return results
 
