@@ -15,6 +15,11 @@ Crash safety:
 * ``restore_latest`` tries the newest complete step first; a step that fails to restore (corrupt or truncated
   files, a shape that does not match) is reported, moved to the quarantine as well and the next older step is
   tried. Nothing is ever loaded from a step that did not restore cleanly.
+* Content checksums: every save stores, in its ``meta``, two 32-bit sums per array of the state (see
+  ``tree_checksums``), and every restore recomputes them on the restored arrays. A bit flipped on disk after the
+  save -- which orbax's compressed chunks otherwise decode silently into a wrong value -- fails that check, and
+  the step is quarantined like any other damaged step; the message names the first array that differs and the
+  step that was used instead. Steps written before checksums existed restore unverified.
 
 Resharding: ``restore_latest(abstract_state)`` takes a tree of ``jax.ShapeDtypeStruct`` carrying the
 *target* shardings (``training.state.abstract_train_state`` on the new mesh), so a run saved on 8 devices
@@ -30,6 +35,8 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 
 from proxytune_jax.errors import UserError
@@ -37,6 +44,70 @@ from proxytune_jax.sharding import path_to_str
 
 QUARANTINE = "quarantine"
 _TMP_MARK = ".orbax-checkpoint-tmp"
+_CHECKSUMS = "_content_checksums"  # meta key; removed from the meta that restore returns
+_CHECKSUM_FORMAT = "sum32+possum32/v1"
+
+
+class ChecksumMismatch(Exception):
+    """A restored array's content differs from what was saved (a damaged file)."""
+
+
+def _mix32(h: jax.Array) -> jax.Array:
+    """MurmurHash3's 32-bit finalizer (``fmix32``), elementwise on ``uint32``."""
+    h = (h ^ (h >> 16)) * jnp.uint32(0x85EBCA6B)
+    h = (h ^ (h >> 13)) * jnp.uint32(0xC2B2AE35)
+    return h ^ (h >> 16)
+
+
+def _leaf_checksum(x: jax.Array) -> jax.Array:
+    """``uint32[2]``: the wrapping sum of the array's words and their position-weighted sum.
+
+    The words are the array's bit pattern widened to ``uint32`` (8/16-bit dtypes) or split into ``uint32``
+    (64-bit dtypes), in row-major order. Integer sums are exact and associative, so the result does not depend on
+    the sharding or the reduction order (a run saved on 8 devices and restored on 1 gets the same numbers). A
+    single flipped bit changes the first sum by ``±2**k (mod 2**32) != 0`` and is always detected; swapped or
+    otherwise scrambled words change the position-weighted sum with probability about ``1 - 2**-32`` (the
+    weights are a hash of the position, so moved blocks of equal sum are seen too).
+    """
+    if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+        x = jax.random.key_data(x)
+    if x.dtype == jnp.bool_:
+        words = x.astype(jnp.uint32)
+    elif x.dtype.itemsize >= 4:
+        words = jax.lax.bitcast_convert_type(x, jnp.uint32)  # 64-bit -> a trailing axis of 2 words
+    else:
+        words = jax.lax.bitcast_convert_type(x, {1: jnp.uint8, 2: jnp.uint16}[x.dtype.itemsize]).astype(jnp.uint32)
+    words = words.reshape(-1)  # [N]
+    weights = _mix32(jnp.arange(words.size, dtype=jnp.uint32))  # [N] a pseudo-random weight per position
+    return jnp.stack([jnp.sum(words, dtype=jnp.uint32), jnp.sum(words * weights, dtype=jnp.uint32)])
+
+
+_tree_checksum_arrays = jax.jit(lambda tree: jax.tree.map(_leaf_checksum, tree))
+
+
+def tree_checksums(tree: Any) -> dict[str, str]:
+    """``{path: "xxxxxxxx-xxxxxxxx"}``: ``_leaf_checksum`` of every array leaf, computed where the arrays live
+    (one jitted pass over the state; only 8 bytes per array come to the host)."""
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    arrays = [jnp.asarray(x) if not isinstance(x, jax.Array) else x for _, x in leaves]
+    sums = _tree_checksum_arrays(arrays)
+    if any(not s.is_fully_addressable for s in sums):
+        from jax.experimental import multihost_utils
+        sums = multihost_utils.process_allgather(sums, tiled=True)
+    host = jax.device_get(sums)
+    return {path_to_str(p): "%08x-%08x" % tuple(int(v) for v in np.asarray(h).reshape(-1)[:2])
+            for (p, _), h in zip(leaves, host)}
+
+
+def _verify(step: int, state: Any, saved: dict | None) -> None:
+    if not saved or saved.get("format") != _CHECKSUM_FORMAT:
+        return  # written before checksums existed
+    now = tree_checksums(state)
+    want = saved.get("leaves", {})
+    bad = [k for k in want if now.get(k) != want[k]] + [k for k in now if k not in want]
+    if bad:
+        raise ChecksumMismatch(f"content checksum of {bad[0]} differs from the one saved with step {step}"
+                               + (f" (and {len(bad) - 1} more arrays)" if len(bad) > 1 else ""))
 
 
 def _say(msg: str) -> None:
@@ -121,24 +192,32 @@ class Checkpointer:
         save was started."""
         if not (force or self.should_save(step)) or step in self._manager.all_steps():
             return False  # not a save step, or already saved (the final step may equal a periodic one)
-        args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(dict(meta or {})))
+        meta = dict(meta or {})
+        meta[_CHECKSUMS] = {"format": _CHECKSUM_FORMAT, "leaves": tree_checksums(state)}
+        args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
         return bool(self._manager.save(step, args=args, force=True))
 
     def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
         args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore())
         out = self._manager.restore(step, args=args)
-        return out.state, dict(out.meta or {})
+        meta = dict(out.meta or {})
+        _verify(step, out.state, meta.pop(_CHECKSUMS, None))
+        return out.state, meta
 
     def restore_latest(self, abstract_state: Any) -> tuple[Any, dict, int] | None:
         """``(state, meta, step)`` from the newest step that restores cleanly, or ``None`` if there is none.
         Steps that fail are reported and quarantined (see the module docstring)."""
         self.wait()
+        refused: list[int] = []
         for step in sorted(self._manager.all_steps(), reverse=True):
             path = self.directory / str(step)
             self._check_matches(step, abstract_state)
             try:
                 state, meta = self.restore(step, abstract_state)
                 jax.block_until_ready(state)
+                if refused:
+                    _say(f"using step {step}, the newest step that restored cleanly (refused: "
+                         f"{', '.join(map(str, refused))}; see {self.directory / QUARANTINE})")
                 return state, meta, step
             except Exception as err:  # noqa: BLE001 -- any failure means: do not use this step
                 if jax.process_count() > 1:
@@ -146,7 +225,10 @@ class Checkpointer:
                 msg = f"{type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''}"
                 self._manager.close()
                 self._quarantine(path, f"checkpoint step {step} is corrupt or does not match ({msg})")
+                refused.append(step)
                 self._open()
+        if refused:
+            _say(f"no checkpoint step restored cleanly (refused: {', '.join(map(str, refused))}); starting over")
         return None
 
     def _check_matches(self, step: int, abstract_state: Any) -> None:
@@ -193,4 +275,4 @@ def is_complete(step_dir: str | Path) -> bool:
         (step_dir / "commit_success.txt").exists() or (step_dir / "_CHECKPOINT_METADATA").exists())
 
 
-__all__ = ["Checkpointer", "abstract_tree", "is_complete", "QUARANTINE"]
+__all__ = ["Checkpointer", "ChecksumMismatch", "abstract_tree", "is_complete", "tree_checksums", "QUARANTINE"]

@@ -96,6 +96,64 @@ def test_corrupt_latest_step_is_skipped_and_kept_aside(tmp_path, capfd):
     assert [p.name.split(".")[0] for p in (tmp_path / QUARANTINE).iterdir()] == ["2"]
 
 
+def _flip_bit(path: Path, pos: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[pos] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
+def test_flipped_bit_is_refused_by_its_checksum_and_the_previous_step_is_used(tmp_path, capfd):
+    """orbax decodes most single-bit flips in its compressed chunks into a silently wrong array (shown below with
+    a plain orbax restore); the content checksum saved with each step refuses them."""
+    import orbax.checkpoint as ocp
+
+    tree = lambda s: {"w": jax.random.normal(jax.random.PRNGKey(s), (64, 64)), "n": jnp.arange(5) + s}
+    with Checkpointer(tmp_path, save_every=1) as ck:
+        ck.save(1, tree(1), {"s": 1})
+        ck.save(2, tree(2), {"s": 2})
+    big = max((f for f in (tmp_path / "2" / "state").rglob("*") if f.is_file()), key=lambda f: f.stat().st_size)
+    _flip_bit(big, big.stat().st_size // 2)
+    with ocp.StandardCheckpointer() as plain:  # today's behaviour without the checksum: a wrong array, no error
+        silent = plain.restore(tmp_path / "2" / "state", _abstract(tree(0)))
+    assert not np.array_equal(np.asarray(silent["w"]), np.asarray(tree(2)["w"]))
+    with Checkpointer(tmp_path, save_every=1) as ck:
+        state, meta, step = ck.restore_latest(_abstract(tree(0)))
+        assert ck.all_steps() == [1]
+    assert step == 1 and meta == {"s": 1}
+    np.testing.assert_array_equal(np.asarray(state["w"]), np.asarray(tree(1)["w"]))
+    err = capfd.readouterr().err
+    assert "checkpoint step 2 is corrupt" in err and "checksum of w differs" in err and "NOT loaded" in err
+    assert "using step 1, the newest step that restored cleanly (refused: 2" in err
+    (moved,) = (tmp_path / QUARANTINE).iterdir()  # kept for inspection, byte for byte
+    assert (moved / big.relative_to(tmp_path / "2")).read_bytes() != b"" and moved.name.startswith("2.")
+
+
+def test_checksums_see_every_single_bit_flip_and_ignore_sharding():
+    from proxytune_jax.checkpoint import tree_checksums
+
+    rng = np.random.default_rng(0)
+    for dtype in (np.float32, np.int32, np.uint8, jnp.bfloat16, np.bool_):
+        x = (rng.normal(size=(7, 5)) > 0) if dtype is np.bool_ else rng.normal(size=(7, 5)).astype(dtype)
+        base = tree_checksums({"x": jnp.asarray(x)})["x"]
+        raw = np.asarray(x).view(np.uint8).reshape(-1).copy() if dtype is not np.bool_ else None
+        if raw is None:
+            flipped = x.copy(); flipped[3, 2] = ~flipped[3, 2]
+            assert tree_checksums({"x": jnp.asarray(flipped)})["x"] != base
+            continue
+        for byte in range(0, raw.size, 3):
+            for bit in range(8):
+                r = raw.copy(); r[byte] ^= np.uint8(1 << bit)
+                assert tree_checksums({"x": jnp.asarray(r.view(np.asarray(x).dtype).reshape(x.shape))})["x"] != base
+        swapped = np.asarray(x).copy(); swapped[[0, 1]] = swapped[[1, 0]]
+        if not np.array_equal(swapped, x):
+            assert tree_checksums({"x": jnp.asarray(swapped)})["x"] != base  # order matters
+    if len(jax.devices()) >= 2:
+        mesh = jax.make_mesh((2,), ("d",))
+        x = jnp.arange(64.0).reshape(8, 8)
+        sharded = jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("d")))
+        assert tree_checksums({"x": sharded}) == tree_checksums({"x": x})
+
+
 def test_checkpoint_of_another_model_is_a_user_error_and_left_in_place(tmp_path):
     with Checkpointer(tmp_path, save_every=1) as ck:
         ck.save(1, _tree(1), {})
