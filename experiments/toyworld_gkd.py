@@ -27,7 +27,7 @@ import argparse
 import statistics
 from pathlib import Path
 
-from proxytune_jax.jsonl import write_json_atomic
+from proxytune_jax.atomic import write_json_atomic
 
 METHODS = ("sft_gold", "word_kd", "seq_kd", "gkd_mixed", "gkd_on_policy", "gkd_on_policy_jsd", "taid")
 KEYS = ("accuracy", "agreement", "fact_recall", "nll", "ece", "kl_teacher_student")

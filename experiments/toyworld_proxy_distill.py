@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from proxytune_jax.jsonl import write_json_atomic
+from proxytune_jax.atomic import write_json_atomic
 
 STUDENTS = ("base-small", "base-large")
 

@@ -44,9 +44,13 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:  # errors a user can fix: one clear line, no traceback
         print(f"proxytune {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # a full disk, an unwritable or read-only folder, a path that vanished
+        print(f"proxytune {args.command}: error: {os_error_message(err)}; files written whole are unchanged",
+              file=sys.stderr)
+        return 2
 
 
-from proxytune_jax.errors import UserError  # noqa: E402
+from proxytune_jax.errors import UserError, os_error_message  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

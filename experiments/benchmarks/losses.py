@@ -32,6 +32,7 @@ import time
 import jax
 import jax.numpy as jnp
 
+from _fit import does_not_fit, human, is_out_of_memory, memory_budget_bytes, xla_peak_bytes
 from proxytune_jax.losses import LOSSES, chunked_loss, chunked_loss_remat, loss_from_hidden
 
 # The losses ``chunked_loss`` takes with a full-logit teacher: entries of ``losses.LOSSES`` with a per-position form.
@@ -58,31 +59,42 @@ def _reset_peak_rss() -> bool:
         return False
 
 
-def _xla_peak(compiled) -> float:
-    ma = compiled.memory_analysis()
-    if ma is None:
-        return float("nan")
-    return (ma.temp_size_in_bytes + ma.argument_size_in_bytes + ma.output_size_in_bytes
-            - ma.alias_size_in_bytes)
+MAX_RUN_BYTES = float("inf")  # set by --max-run-gib, default: what fits this machine (_fit.memory_budget_bytes)
+SKIPPED: list[str] = []  # "name: why" of every step not run
 
 
-MAX_RUN_BYTES = float("inf")  # set by --max-run-gib
-
-
-def measure(fn, args, repeats, warmup=True):
-    """(median seconds, XLA peak bytes) of a jitted fn(*args); repeats=0, or an XLA peak above --max-run-gib:
-    compile-time memory only (time reported as nan)."""
-    compiled = jax.jit(fn).lower(*args).compile()
-    xla = _xla_peak(compiled)
-    if repeats == 0 or xla > MAX_RUN_BYTES:
+def measure(fn, args, repeats, warmup=True, label=""):
+    """(median seconds, XLA peak bytes) of a jitted fn(*args). Time is nan when not executed: repeats=0, an XLA
+    peak above the budget ("does not fit (N GB)"), or an out-of-memory error while running (reported, skipped)."""
+    try:
+        compiled = jax.jit(fn).lower(*args).compile()
+    except Exception as err:  # noqa: BLE001 -- report and go on with the next row
+        if not is_out_of_memory(err):
+            raise
+        SKIPPED.append(f"{label}: out of memory while compiling")
+        print(f"  {label}: out of memory while compiling; skipped", flush=True)
+        return float("nan"), float("nan")
+    xla = xla_peak_bytes(compiled)
+    note = does_not_fit(xla, MAX_RUN_BYTES)
+    if note:
+        SKIPPED.append(f"{label}: {note}")
+        print(f"  {label}: {note}; skipped", flush=True)
+    if repeats == 0 or note:
         return float("nan"), xla
-    if warmup:
-        jax.block_until_ready(compiled(*args))
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(compiled(*args))
-        times.append(time.perf_counter() - t0)
+    try:
+        if warmup:
+            jax.block_until_ready(compiled(*args))
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            jax.block_until_ready(compiled(*args))
+            times.append(time.perf_counter() - t0)
+    except Exception as err:  # noqa: BLE001
+        if not is_out_of_memory(err):
+            raise
+        SKIPPED.append(f"{label}: ran out of memory ({xla / GIB:.1f} GiB planned)")
+        print(f"  {label}: ran out of memory; skipped", flush=True)
+        return float("nan"), xla
     return statistics.median(times), xla
 
 
@@ -142,9 +154,11 @@ def per_position_rows(names, n, d, vocab, repeats, remat, seed=0, warmup=True):
         pos = {"labels": labels} if LOSSES[name].uses_labels else None
         res = {}
         for path in ["plain", "chunked"] + (["remat"] if name in remat else []):
-            res[path] = measure(_step(name, PATHS[path], pos), (hs, ws, ht, wt, mask), repeats, warmup)
+            res[path] = measure(_step(name, PATHS[path], pos), (hs, ws, ht, wt, mask), repeats, warmup,
+                                label=f"{name} {path} V={vocab}")
         rows.append((name, vocab, res))
         p, c = res["plain"], res["chunked"]
+        print(f"  {name:16s} V={vocab:6d} XLA plain {human(p[1])}, chunked {human(c[1])}", flush=True)
         print(f"  {name:16s} V={vocab:6d} plain {p[0]:7.2f}s {p[1] / GIB:6.2f}GiB | chunked {c[0]:7.2f}s "
               f"{c[1] / GIB:6.2f}GiB  (time x{c[0] / p[0]:.2f}, XLA mem /{p[1] / c[1]:.1f})", flush=True)
     return rows
@@ -164,12 +178,15 @@ def other_rows(vocab, repeats, seed=0, warmup=True):
     for mode in ("renormalize", "tail_bucket"):
         f = lambda s, ids, lp, mode=mode: jax.value_and_grad(
             lambda x: topk_kl(x, TopKTeacher(ids, lp), None, mode=mode))(s)
-        rows.append((f"topk_kl[{mode}] N={n}, k=5", vocab, measure(f, (s, teacher.ids, teacher.logp), repeats, warmup)))
+        rows.append((f"topk_kl[{mode}] N={n}, k=5", vocab, measure(f, (s, teacher.ids, teacher.logp), repeats, warmup,
+                                                                     label=f"topk_kl[{mode}] V={vocab}")))
     n_ot = 256
     s2, t2 = s[:n_ot], t[:n_ot]
-    rows.append((f"sinkd N={n_ot}", vocab, measure(lambda a, b: jax.value_and_grad(sinkd)(a, b), (s2, t2), repeats, warmup)))
+    rows.append((f"sinkd N={n_ot}", vocab, measure(lambda a, b: jax.value_and_grad(sinkd)(a, b), (s2, t2), repeats,
+                                                   warmup, label=f"sinkd V={vocab}")))
     rows.append((f"sinkhorn_ott N={n_ot}", vocab,
-                 measure(lambda a, b: jax.value_and_grad(sinkhorn_ott)(a, b), (s2, t2), repeats, warmup)))
+                 measure(lambda a, b: jax.value_and_grad(sinkhorn_ott)(a, b), (s2, t2), repeats, warmup,
+                         label=f"sinkhorn_ott V={vocab}")))
     for name, v, r in rows:
         print(f"  {name:28s} V={v:6d} {r[0]:7.2f}s  XLA {r[1] / GIB:6.2f}GiB", flush=True)
     return rows
@@ -187,15 +204,16 @@ def main():
                     help="time the first execution after the (ahead-of-time) compile instead of a second one")
     ap.add_argument("--memory-only", nargs="*", default=[],
                     help="losses reported by compile-time XLA memory only (not executed; e.g. the sort-bound ones)")
-    ap.add_argument("--max-run-gib", type=float, default=float("inf"),
-                    help="do not execute steps whose XLA peak exceeds this (shared machine: avoid the OOM killer)")
+    ap.add_argument("--max-run-gib", type=float, default=None,
+                    help="do not execute steps whose XLA peak exceeds this (default: 85%% of the memory available "
+                         "now, or of the accelerator's); they are reported as 'does not fit (N GB)'")
     ap.add_argument("--rss", action="store_true", help="RSS cross-check of forward_kl in fresh subprocesses")
     ap.add_argument("--_rss-child", nargs=5, help=argparse.SUPPRESS)
     ap.add_argument("--remat", nargs="*", default=["forward_kl"], help="losses also measured with chunked_loss_remat")
     ap.add_argument("--skip-others", action="store_true", help="skip the SinKD / FIRST reference rows")
     args = ap.parse_args()
     global MAX_RUN_BYTES
-    MAX_RUN_BYTES = args.max_run_gib * GIB
+    MAX_RUN_BYTES = args.max_run_gib * GIB if args.max_run_gib is not None else memory_budget_bytes()
     if args._rss_child:
         name, path, n, d, v = args._rss_child
         return rss_child(name, path, int(n), int(d), int(v))
@@ -239,6 +257,9 @@ def main():
         print("|---|---|---|---|")
         for name, v, (t, x) in others:
             print(f"| {name} | {v} | {t:.2f} | {x / GIB:.2f} |")
+    if SKIPPED:
+        print()
+        print(f"Not run (budget {human(MAX_RUN_BYTES)}; --max-run-gib to change): " + "; ".join(SKIPPED))
 
 
 if __name__ == "__main__":

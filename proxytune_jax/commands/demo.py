@@ -8,7 +8,6 @@ First run trains the toy world's tokenizer and four Llama models (cached under `
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import time
 from pathlib import Path
@@ -114,7 +113,7 @@ def run(args) -> int:
     silence_transformers_torch_notice()  # before anything imports transformers: torch is optional here
     t_start = time.perf_counter()
     from proxytune_jax.eval import plot_reliability_diagram
-    from proxytune_jax.jsonl import write_json_atomic
+    from proxytune_jax.atomic import write_json_atomic, write_text_atomic
     from proxytune_jax.toyworld.build import build_toyworld
     from proxytune_jax.toyworld.distill import LABELS, METHODS, distill_cached
     from proxytune_jax.toyworld.transfer import PRIMARY_COMPARISON
@@ -156,7 +155,7 @@ def run(args) -> int:
         md.append(f"## {ex['question']}\n\n| model | completion |\n|---|---|\n| reference | {ex['reference']} |")
         md += [f"| {name} | {ex[name].replace('|', '/')} |" for name in ex_names]
         md.append("")
-    (out / "examples.md").write_text("\n".join(md) + "\n")
+    write_text_atomic(out / "examples.md", "\n".join(md) + "\n")
     report.append(f"\nexample: {examples[0]['question']}")
     report += [f"  {name:>18}: {examples[0][name]}" for name in ex_names]
 

@@ -10,10 +10,10 @@ Metrics: ``accuracy`` (GSM-style: number after ``####``, else the last number; e
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from proxytune_jax.errors import UserError
+from proxytune_jax.atomic import write_json_atomic
 from proxytune_jax.jsonl import iter_jsonl
 
 METRICS = ("accuracy", "exact_match", "rouge")
@@ -52,13 +52,34 @@ def pick_field(rows: list[dict], field: str | None, candidates: tuple[str, ...],
                     "name it with --prediction-field/--reference-field")
 
 
-def pair(preds: list[dict], refs: list[dict], pf: str, rf: str) -> tuple[list[str], list[str]]:
-    if all("id" in r for r in preds) and all("id" in r for r in refs):
-        by_id = {r["id"]: r for r in refs}
-        missing = [p["id"] for p in preds if p["id"] not in by_id]
-        if missing:
-            raise UserError(f"prediction id {missing[0]!r} has no reference with the same id")
-        return [str(p[pf]) for p in preds], [str(by_id[p["id"]][rf]) for p in preds]
+def _ids(rows: list[dict], path: Path) -> dict:
+    """``{id: row}``; every row must carry a distinct str/int id."""
+    seen: dict = {}
+    for i, r in enumerate(rows, start=1):
+        if "id" not in r:
+            raise UserError(f"{path}: row {i} has no 'id' but other rows have one; give every row of both files "
+                            "an id, or none (rows are then paired by line)")
+        key = r["id"]
+        if isinstance(key, bool) or not isinstance(key, (str, int)):
+            raise UserError(f"{path}: row {i} has id {key!r}; ids must be strings or integers")
+        if key in seen:
+            raise UserError(f"{path}: id {key!r} appears on rows {seen[key][0]} and {i}; each id must appear once")
+        seen[key] = (i, r)
+    return {k: r for k, (_, r) in seen.items()}
+
+
+def pair(preds: list[dict], refs: list[dict], pf: str, rf: str, paths: tuple[Path, Path] = (Path("predictions"),
+         Path("references"))) -> tuple[list[str], list[str]]:
+    """Pair rows by ``id`` when any row has one (then every row of both files must, each id once, and both files
+    must cover the same ids), else by line order (then both files must have the same number of rows)."""
+    if any("id" in r for r in preds) or any("id" in r for r in refs):
+        by_p, by_r = _ids(preds, paths[0]), _ids(refs, paths[1])
+        for a, b, pa, pb, what in ((by_p, by_r, *paths, "reference"), (by_r, by_p, paths[1], paths[0], "prediction")):
+            extra = [k for k in a if k not in b]
+            if extra:
+                raise UserError(f"{pa}: id {extra[0]!r} has no {what} in {pb} ({len(extra)} of {len(a)} ids are not "
+                                f"in both files); score files that cover the same ids")
+        return [str(by_p[k][pf]) for k in by_p], [str(by_r[k][rf]) for k in by_p]
     if len(preds) != len(refs):
         raise UserError(f"{len(preds)} predictions but {len(refs)} references and no 'id' fields to pair them")
     return [str(p[pf]) for p in preds], [str(r[rf]) for r in refs]
@@ -82,12 +103,12 @@ def run(args) -> int:
     preds, refs = read_jsonl(args.predictions), read_jsonl(args.references)
     pf = pick_field(preds, args.prediction_field, PREDICTION_FIELDS, args.predictions)
     rf = pick_field(refs, args.reference_field, REFERENCE_FIELDS, args.references)
-    p, r = pair(preds, refs, pf, rf)
+    p, r = pair(preds, refs, pf, rf, (args.predictions, args.references))
     scores = score(p, r, args.metric)
     width = max(len(k) for k in scores)
     for k, v in scores.items():
         print(f"{k:<{width}}  {v:.4f}" if isinstance(v, float) else f"{k:<{width}}  {v}")
     if args.output is not None:
         args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(json.dumps(scores, indent=2) + "\n")
+        write_json_atomic(args.output, scores)
     return 0

@@ -32,12 +32,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 
 from proxytune_jax.errors import UserError
-from proxytune_jax.jsonl import iter_jsonl
+from proxytune_jax.jsonl import iter_jsonl, read_json_file
 
 ROLE_FLAGS = {"expert": "--expert", "anti_expert": "--anti-expert", "small": "--small", "amateur": "--amateur"}
 MODEL_FLAGS = ("--target", "--expert", "--anti-expert", "--small", "--amateur")
@@ -200,6 +198,7 @@ def check_model_dir(flag: str, value: str) -> Path:
     if not (path / "config.json").is_file():
         raise UserError(f"{flag} {value} has no config.json; pass a Hugging Face model folder "
                         "(config.json + *.safetensors + tokenizer files)")
+    read_json_file(path / "config.json", what=f"{flag} config", fix="re-export the model or copy config.json again")
     return path
 
 
@@ -228,21 +227,21 @@ def run(args) -> int:
     # Cheap checks on configs before loading weights: tokenizers agree, prompts fit the contexts.
     from proxytune_jax.decoding.vocab import align_vocabularies
     from proxytune_jax.models import config_from_hf
-    configs = [config_from_hf(json.loads((d / "config.json").read_text())) for d in dirs]
+    configs = [config_from_hf(read_json_file(d / "config.json", what=f"{f} config",
+                                             fix="re-export the model or copy config.json again"))
+               for (f, _), d in zip(flags, dirs)]
     names = [f"{f} {v}" for f, v in flags]
     align_vocabularies(tokenizers, [c.vocab_size for c in configs], names)
 
     import jax.numpy as jnp  # noqa: F401  (heavy imports only after the argument checks)
     from tqdm import tqdm
 
-    from proxytune_jax.decoding.pipeline import TextGenerator, encode_for_models, eos_ids_for
+    from proxytune_jax.decoding.pipeline import TextGenerator, encode_for_models
     from proxytune_jax.models.hf_io import load_pretrained
 
-    gen_cfg = {}
-    gpath = dirs[0] / "generation_config.json"
-    if gpath.is_file():
-        gen_cfg = json.loads(gpath.read_text())
-    eos = eos_ids_for(configs[0], tokenizers[0], gen_cfg)
+    from proxytune_jax.models.hf_io import generation_eos_ids
+    for d in dirs:
+        generation_eos_ids(d)  # a damaged generation_config.json is reported before any weights load
 
     chat = [bool(args.expert_chat_template) and f == "--expert" for f, _ in flags]
     encoded = encode_for_models(tokenizers, prompts, chat_template=chat,
@@ -250,7 +249,7 @@ def run(args) -> int:
                                 max_new_tokens=args.max_new_tokens)
 
     models = [load_pretrained(d) for d in dirs]
-    gen = TextGenerator(models, tokenizers, rule, chat_template=chat, names=names, eos_ids=eos)
+    gen = TextGenerator(models, tokenizers, rule, chat_template=chat, names=names)  # every model's EOS ids
     n_batches = math.ceil(len(prompts) / args.batch_size)
     with tqdm(total=n_batches, desc="generate", unit="batch") as bar:
         results = gen.generate(prompts, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
@@ -259,20 +258,14 @@ def run(args) -> int:
                                analysis=args.analysis, encoded=encoded, progress=bar.update,
                                record_topk=args.topk if args.topk_cache is not None else 0)
 
-    fd, tmp = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".tmp", dir=out_path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for r in results:
-                f.write(json.dumps(r.to_json(), ensure_ascii=False) + "\n")
-        os.replace(tmp, out_path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    from proxytune_jax.atomic import open_atomic
+    with open_atomic(out_path) as f:
+        for r in results:
+            f.write(json.dumps(r.to_json(), ensure_ascii=False) + "\n")
     print(f"wrote {len(results)} completions to {out_path}")
     if args.topk_cache is not None:
         from proxytune_jax.training.recorded_teacher import answers_from_completions, write_teacher_cache
-        cache, data, skipped = write_teacher_cache(answers_from_completions(results, eos), tokenizers[0],
+        cache, data, skipped = write_teacher_cache(answers_from_completions(results, gen.eos_ids), tokenizers[0],
                                                    args.topk_cache, skip_mismatched=True)
         print(f"wrote the top-{args.topk} teacher cache {cache} and its training file {data}"
               + (f" ({skipped} completions left out: their tokens are not the tokenizer's encoding of their text)"

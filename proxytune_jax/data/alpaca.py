@@ -25,6 +25,7 @@ from typing import Sequence
 
 from proxytune_jax.data.files import load_records, take
 from proxytune_jax.data.prompts import PromptExample, as_str, user_turn
+from proxytune_jax.atomic import open_atomic
 from proxytune_jax.errors import UserError
 
 DATASET = "AlpacaFarm/AlpacaEval"
@@ -84,6 +85,6 @@ def alpaca_eval_outputs(
         for ex, out in zip(examples, outputs)
     ]
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
+    with open_atomic(path) as f:
         json.dump(rows, f, indent=1, ensure_ascii=False)
     return path

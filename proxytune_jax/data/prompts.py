@@ -16,6 +16,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
+from proxytune_jax.atomic import open_atomic
 from proxytune_jax.errors import UserError
 
 
@@ -90,7 +91,7 @@ def write_prompts_jsonl(examples: Iterable[PromptExample], path: str) -> str:
     input (that command wraps the expert's copy of the plain prompt in its chat template when asked; the
     experiment scripts instead give the expert ``messages`` + ``response_prefix``, as the paper does)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
+    with open_atomic(path) as f:
         for ex in examples:
             f.write(json.dumps(ex.to_json(), ensure_ascii=False) + "\n")
     return path

@@ -251,11 +251,13 @@ def partition_rules_of(model) -> Any:
 
 
 def eos_ids_of(config) -> list[int]:
-    """A config's ``eos_token_id`` (an int, a list/tuple of ints, or None) as a list."""
-    eos = getattr(config, "eos_token_id", None)
-    if eos is None:
-        return []
-    return [int(eos)] if isinstance(eos, (int, np.integer)) else [int(e) for e in eos]
+    """A config's ``eos_token_id`` and ``generation_eos_token_id`` (each an int, a list/tuple of ints, or None)
+    as one sorted list."""
+    ids: set[int] = set()
+    for eos in (getattr(config, "eos_token_id", None), getattr(config, "generation_eos_token_id", None)):
+        if eos is not None:
+            ids.update([int(eos)] if isinstance(eos, (int, np.integer)) else [int(e) for e in eos])
+    return sorted(ids)
 
 
 CACHE_RULES = (
@@ -409,7 +411,7 @@ class Decoder:
         masks = tuple(self._place_batch(p[1]) for p in prompts)
         fp = fusion.resolve_params(self.rule, fusion_params)
         sampling = sampling if sampling is not None else SamplingParams.create(self.vocab_size)
-        stop = stop if stop is not None else make_stop_criteria(eos_ids_of(self.configs[0]))
+        stop = stop if stop is not None else make_stop_criteria(sorted({e for c in self.configs for e in eos_ids_of(c)}))
         b = ids[0].shape[0]
         rows = np.arange(b) if row_ids is None else np.asarray(row_ids)
         if rows.shape != (b,):

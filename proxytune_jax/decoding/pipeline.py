@@ -80,7 +80,10 @@ class TextGenerator:
         self.decoder = Decoder(models, rule, vocab_size=self.alignment.size, mesh=mesh)
         self.chat_template = list(chat_template or [False] * len(models))
         self.contexts = [int(m.config.max_position_embeddings) for m in models]
-        self.eos_ids = list(eos_ids) if eos_ids is not None else eos_ids_for(models[0].config, self.tokenizers[0])
+        # Every model's EOS ids (config, generation_config.json via load_pretrained, tokenizer): the tokenizers are
+        # the same, and an expert's chat end-of-turn token ends the fused text as it ends the expert's.
+        self.eos_ids = list(eos_ids) if eos_ids is not None else sorted(
+            {e for m, t in zip(models, self.tokenizers) for e in eos_ids_for(m.config, t)})
         tok0 = self.tokenizers[0]
         self.pad_id = int(tok0.pad_token_id if tok0.pad_token_id is not None else (self.eos_ids or [0])[0])
 

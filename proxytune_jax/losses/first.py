@@ -32,12 +32,14 @@ from __future__ import annotations
 
 import json
 import math
+import contextlib
 import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from proxytune_jax.atomic import open_atomic, write_json_atomic
 from proxytune_jax.errors import UserError
 from proxytune_jax.topk import TopK, storage_ids_dtype
 from proxytune_jax.losses._common import F32, as_mask, upcast, check_positive, kl_from_log_probs, masked_mean, zero_masked
@@ -224,7 +226,9 @@ class TopKCacheWriter:
 
     def _close_shard(self):
         for f in (self._ids_f, self._logp_f):
-            if f is not None:
+            if f is not None and not f.closed:
+                f.flush()
+                os.fsync(f.fileno())
                 f.close()
         self._ids_f = self._logp_f = None
 
@@ -265,14 +269,12 @@ class TopKCacheWriter:
 
     def close(self):
         self._close_shard()
-        np.save(os.path.join(self.path, SEQUENCES), np.asarray(self.sequences, np.int64).reshape(-1, 3))
+        with open_atomic(os.path.join(self.path, SEQUENCES), "wb") as f:
+            np.save(f, np.asarray(self.sequences, np.int64).reshape(-1, 3))
         index = {"format": "proxytune_jax.first.topk/2", "k": self.k, "vocab_size": self.vocab_size,
                  "ids_dtype": self.ids_dtype.str, "logp_dtype": "<f2", "num_sequences": len(self.sequences),
                  "num_positions": int(sum(s["positions"] for s in self.shards)), "shards": self.shards}
-        tmp = os.path.join(self.path, INDEX + ".tmp")
-        with open(tmp, "w") as f:
-            json.dump(index, f, indent=1)
-        os.replace(tmp, os.path.join(self.path, INDEX))
+        write_json_atomic(os.path.join(self.path, INDEX), index, indent=1)  # last: the cache exists from here
 
     def __enter__(self):
         return self
@@ -280,8 +282,15 @@ class TopKCacheWriter:
     def __exit__(self, exc_type, exc, tb):
         if exc_type is None:
             self.close()
-        else:
-            self._close_shard()
+            return
+        # A failed write (a full disk, bad input) leaves no half cache behind: the shards written so far go.
+        for f in (self._ids_f, self._logp_f):
+            if f is not None:
+                f.close()
+        for rec in self.shards:
+            for name in (rec["ids"], rec["logp"]):
+                with contextlib.suppress(OSError):
+                    os.remove(os.path.join(self.path, name))
 
 
 class TopKCache:

@@ -48,6 +48,8 @@ class GPT2Config:
     bos_token_id: int | None = 50256
     eos_token_id: int | None = 50256
     pad_token_id: int | None = None
+    # EOS ids of the folder's generation_config.json; load_pretrained fills it. Not part of config.json.
+    generation_eos_token_id: int | tuple[int, ...] | None = None
 
     def __post_init__(self):
         if self.activation_function not in ACTIVATIONS:

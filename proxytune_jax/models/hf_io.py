@@ -12,7 +12,7 @@ Saved folders load in transformers' PyTorch ``AutoModelForCausalLM``; tokenizers
 """
 from __future__ import annotations
 
-import json
+import dataclasses
 import os
 import re
 import warnings
@@ -27,7 +27,9 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 from tqdm.auto import tqdm
 
+from proxytune_jax.atomic import commit, temporary_name, write_json_atomic
 from proxytune_jax.errors import UserError
+from proxytune_jax.jsonl import read_json_file
 from proxytune_jax.models import abstract_model, config_from_hf, family_of, partition_rules
 from proxytune_jax.models.hub import resolve_model_path
 from proxytune_jax.sharding import spec_for
@@ -53,7 +55,7 @@ def _weight_files(path: Path) -> dict[str, Path]:
     """HF tensor name -> safetensors file holding it."""
     index = path / INDEX_FILE
     if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
+        weight_map = read_json_file(index, what="weight index", fix=_REEXPORT)["weight_map"]
         missing = sorted({f for f in weight_map.values() if not (path / f).is_file()})
         if missing:
             raise UserError(f"{index} lists shard files that are missing: {missing}; copy the complete folder")
@@ -69,6 +71,25 @@ def _weight_files(path: Path) -> dict[str, Path]:
         with safe_open(f, framework="numpy") as st:
             names.update({k: f for k in st.keys()})
     return names
+
+
+_REEXPORT = "re-export the checkpoint (save_pretrained) or copy the file again from its source"
+
+
+
+def generation_eos_ids(path: str | os.PathLike) -> tuple[int, ...] | None:
+    """The ``eos_token_id`` of a folder's ``generation_config.json`` as a tuple (None without one)."""
+    gpath = Path(path) / "generation_config.json"
+    if not gpath.is_file():
+        return None
+    eos = read_json_file(gpath, what="generation config", fix="fix or delete generation_config.json")
+    eos = eos.get("eos_token_id") if isinstance(eos, dict) else None
+    if eos is None:
+        return None
+    ids = [eos] if isinstance(eos, int) else eos
+    if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        raise UserError(f"{gpath}: eos_token_id must be an integer or a list of integers, got {eos!r}")
+    return tuple(ids)
 
 
 def load_pretrained(path: str | os.PathLike, dtype=jnp.float32, *, mesh: Mesh | None = None,
@@ -90,7 +111,10 @@ def load_pretrained(path: str | os.PathLike, dtype=jnp.float32, *, mesh: Mesh | 
     if not config_file.is_file():
         raise UserError(f"{path} has no config.json; pass a Hugging Face model folder "
                         "(config.json + *.safetensors), e.g. one written by save_pretrained")
-    config = config_from_hf(json.loads(config_file.read_text()))
+    config = config_from_hf(read_json_file(config_file, what="model config", fix=_REEXPORT))
+    gen_eos = generation_eos_ids(path)
+    if gen_eos is not None:
+        config = dataclasses.replace(config, generation_eos_token_id=gen_eos)
     family = family_of(config.model_type)[0]
     graphdef, abstract_state = nnx.split(abstract_model(config, dtype))
     params = _flat_params(abstract_state)
@@ -175,8 +199,6 @@ def save_pretrained(model, path: str | os.PathLike, *, max_shard_size: int | str
 
     hf_config = config.to_hf_dict()
     hf_config["dtype"] = str(model.dtype)  # "float32" | "bfloat16"
-    (path / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
-
     limit = _parse_size(max_shard_size) if max_shard_size is not None else None
     shards: list[dict[str, np.ndarray]] = [{}]
     size = 0
@@ -186,16 +208,35 @@ def save_pretrained(model, path: str | os.PathLike, *, max_shard_size: int | str
             size = 0
         shards[-1][name] = array
         size += array.nbytes
-    for stale in [path / INDEX_FILE, *path.glob("model*.safetensors")]:  # a previous save's weights
-        stale.unlink(missing_ok=True)
-    if len(shards) == 1:
-        save_file(shards[0], str(path / SINGLE_FILE), metadata={"format": "pt"})
-        return path
-    weight_map = {}
-    for i, shard in enumerate(shards):
-        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(path / fname), metadata={"format": "pt"})
-        weight_map.update({name: fname for name in shard})
-    index = {"metadata": {"total_size": sum(a.nbytes for a in tensors.values())}, "weight_map": weight_map}
-    (path / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+    # Every file is written to a temporary name first (a full disk fails here and leaves the old model whole),
+    # then each is fsynced and renamed into place, config.json last; a previous save's other weight files go.
+    names = ([SINGLE_FILE] if len(shards) == 1 else
+             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    written: list[tuple[Path, Path]] = []
+    try:
+        for fname, shard in zip(names, shards):
+            tmp = temporary_name(path / fname)
+            written.append((tmp, path / fname))
+            save_file(shard, str(tmp), metadata={"format": "pt"})
+        if len(shards) > 1:
+            index = {"metadata": {"total_size": sum(a.nbytes for a in tensors.values())},
+                     "weight_map": {name: fname for fname, shard in zip(names, shards) for name in shard}}
+            written.append((temporary_name(path / INDEX_FILE), path / INDEX_FILE))
+            write_json_atomic(written[-1][0], index)
+        written.append((temporary_name(path / "config.json"), path / "config.json"))
+        write_json_atomic(written[-1][0], hf_config)
+    except BaseException:
+        for tmp, _ in written:
+            tmp.unlink(missing_ok=True)
+        raise
+    gen_eos = getattr(config, "generation_eos_token_id", None)
+    if gen_eos is not None and not (path / "generation_config.json").exists():
+        write_json_atomic(path / "generation_config.json",
+                          {"eos_token_id": list(gen_eos) if isinstance(gen_eos, tuple) else gen_eos})
+    keep = {final.name for _, final in written}
+    for tmp, final in written:
+        commit(tmp, final)
+    for stale in [path / INDEX_FILE, *path.glob("model*.safetensors")]:  # a previous save's other weights
+        if stale.name not in keep:
+            stale.unlink(missing_ok=True)
     return path

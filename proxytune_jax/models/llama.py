@@ -69,6 +69,9 @@ class LlamaConfig:
     bos_token_id: TokenIds = 1
     eos_token_id: TokenIds = 2  # an int or a tuple of ints (Llama 3 instruct lists several)
     pad_token_id: TokenIds = None
+    # EOS ids of the folder's generation_config.json (e.g. a chat model's end-of-turn token); load_pretrained
+    # fills it, decoding stops on these too. Not part of config.json.
+    generation_eos_token_id: TokenIds = None
 
     def __post_init__(self):
         if self.model_type not in MODEL_TYPES:

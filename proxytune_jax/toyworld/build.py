@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from proxytune_jax.atomic import write_json_atomic, write_text_atomic
 from proxytune_jax.errors import UserError
 from proxytune_jax.toyworld.data import concat, encode_corpus, encode_instructions
 from proxytune_jax.toyworld.tokenizer import train_tokenizer
@@ -177,10 +178,10 @@ def build_toyworld(config: ToyWorldConfig = ToyWorldConfig(), cache_dir: str | o
         save_pretrained(tuned, root / f"tuned-{size_name}")
         timings[f"tune_{size_name}_s"] = time.perf_counter() - t
     for name in MODEL_NAMES:
-        (root / name / "README.md").write_text(
+        write_text_atomic(root / name / "README.md",
             f"# toy world {name}\n\nBuilt by proxytune_jax.toyworld.build_toyworld; config digest "
             f"{config.digest()}.\n")
     timings["total_s"] = time.perf_counter() - t0
-    manifest.write_text(json.dumps({"config": config.to_dict(), "timings": timings}, indent=2) + "\n")
+    write_json_atomic(manifest, {"config": config.to_dict(), "timings": timings})  # last: marks the build done
     tok = AutoTokenizer.from_pretrained(root / "tokenizer")
     return ToyWorld(config, world, tok, root, {"cached": False, **timings})

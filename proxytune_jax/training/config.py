@@ -204,7 +204,7 @@ def _check_value(tp, value, where: str) -> None:
     if not ok:
         raise UserError(f"config {where}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
     if tp is float and value != value:
-        raise UserError(f"config {where}: NaN is not a value")
+        raise UserError(f"config {where}: NaN is not a value; give a finite number")
 
 
 def check_types(node, prefix: str = "") -> None:

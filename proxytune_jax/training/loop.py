@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -34,7 +33,8 @@ from tqdm.auto import tqdm
 
 from proxytune_jax.checkpoint import Checkpointer
 from proxytune_jax.errors import UserError
-from proxytune_jax.jsonl import write_json_atomic
+from proxytune_jax.jsonl import read_json_file
+from proxytune_jax.atomic import append_line, write_json_atomic, write_text_atomic
 from proxytune_jax.sharding import (make_mesh, put_global, put_global_batch, put_stacked_batches, replicated,
                                     to_host, tree_shardings)
 from proxytune_jax.training.config import TrainConfig, check_resume_compatible
@@ -72,10 +72,7 @@ def _load_model(path: str | Path, dtype, what: str):
 
 def _write_json_line(path: Path, obj: dict) -> None:
     """Append one whole line, flushed and fsynced (a crash leaves whole lines; resume truncates the rest)."""
-    with path.open("a") as f:
-        f.write(json.dumps(obj) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    append_line(path, json.dumps(obj))
 
 
 def _last_eval(path: Path, step: int) -> dict:
@@ -112,7 +109,7 @@ def _truncate_metrics(path: Path, upto_step: int) -> int:
             kept.append(line)
         else:
             dropped += 1
-    path.write_text("".join(l + "\n" for l in kept))
+    write_text_atomic(path, "".join(l + "\n" for l in kept))
     return dropped
 
 
@@ -153,14 +150,13 @@ def train(config: TrainConfig, workdir: str | Path, *, mesh=None, progress: bool
     objective.validate()
     workdir = Path(workdir)
     primary = jax.process_index() == 0
-    workdir.mkdir(parents=True, exist_ok=True)
     config_file, metrics_file = workdir / "config.json", workdir / "metrics.jsonl"
     if config_file.exists():
-        changed = check_resume_compatible(json.loads(config_file.read_text()), config, workdir)
+        changed = check_resume_compatible(read_json_file(
+            config_file, what="the work dir's config", fix="use a new --workdir (the checkpoints there can be "
+            "moved to it)"), config, workdir)
         if changed and primary:
             print(f"[train] resuming {workdir} with changed {', '.join(changed)}")
-    if primary:
-        write_json_atomic(config_file, config.to_dict())
 
     # Model paths may be Hub ids: each is resolved once to a local folder (the HF cache's snapshot).
     from transformers import AutoTokenizer
@@ -191,6 +187,10 @@ def train(config: TrainConfig, workdir: str | Path, *, mesh=None, progress: bool
                         "or raise data.max_length")
     for role, path in frozen_dirs.items():
         _check_same_tokenizer(tokenizer, path, role, config.model.tokenizer or config.model.student)
+    # The inputs are readable and consistent: only now does the work dir get its first file.
+    if primary:
+        workdir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(config_file, config.to_dict())
 
     from proxytune_jax.models import partition_rules
     student = _load_model(student_dir, _dtype(config.model.param_dtype), "student")

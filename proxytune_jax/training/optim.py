@@ -8,6 +8,7 @@ by their number of loss tokens.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 
 import jax
@@ -35,8 +36,14 @@ class OptimConfig:
     grad_clip_norm: float = 1.0
 
     def validate(self) -> None:
-        if not self.learning_rate > 0:  # NaN too
-            raise UserError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
+            raise UserError(f"learning_rate must be a finite number > 0, got {self.learning_rate}")
+        for name in ("weight_decay", "b1", "b2", "eps", "grad_clip_norm"):
+            if not math.isfinite(getattr(self, name)):
+                raise UserError(f"optim.{name} must be a finite number, got {getattr(self, name)}")
+        if self.weight_decay < 0 or not (0 <= self.b1 < 1 and 0 <= self.b2 < 1) or self.eps <= 0:
+            raise UserError(f"need weight_decay >= 0, 0 <= b1, b2 < 1 and eps > 0; got weight_decay="
+                            f"{self.weight_decay}, b1={self.b1}, b2={self.b2}, eps={self.eps}")
         if self.total_steps < 1:
             raise UserError(f"total_steps (the run's number of steps) must be >= 1, got {self.total_steps} (0 is "
                             "resolved to the run's steps by TrainConfig.optim_config() and training.fit)")

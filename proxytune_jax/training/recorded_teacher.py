@@ -33,13 +33,13 @@ import argparse
 import dataclasses
 import json
 import math
-import os
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
 from proxytune_jax.errors import UserError
+from proxytune_jax.atomic import open_atomic
 from proxytune_jax.jsonl import iter_jsonl
 from proxytune_jax.topk import TopK
 
@@ -202,13 +202,9 @@ def write_teacher_cache(answers: Sequence[TeacherAnswer], tokenizer, out_dir: st
         for _, ids, logp in rows:
             writer.add(ids, logp)
     data_out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = data_out.with_name(data_out.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
+    with open_atomic(data_out) as f:
         for rec, _, _ in rows:
             f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, data_out)
     return out_dir, data_out, skipped
 
 

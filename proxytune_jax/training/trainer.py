@@ -29,7 +29,7 @@ from proxytune_jax.errors import UserError
 from proxytune_jax.sharding import MeshConfig, make_mesh
 from proxytune_jax.training.objectives import Objective
 from proxytune_jax.training.optim import OptimConfig, learning_rate_schedule, make_optimizer
-from proxytune_jax.training.state import TrainState, create_train_state, split_params
+from proxytune_jax.training.state import create_train_state, split_params
 from proxytune_jax.training.step import MultiStep, TrainStep, make_train_step
 
 
