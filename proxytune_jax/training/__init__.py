@@ -14,6 +14,10 @@ Modules (one idea each):
   ``data``        JSONL -> tokenized, padded or packed, deterministic and resumable batches
   ``topk_cache``  offline teacher top-k caches aligned with a JSONL file
   ``loop``        ``train(config, workdir)``: files, checkpoints, resume, metrics, export
+  ``reporting``   metric writers (metrics.jsonl, TensorBoard, W&B; ``register_writer``) and ``run_info``
+  ``profiling``   ``--profile STEPS``: a ``jax.profiler`` trace of chosen steps
+  ``gen_eval``    generation-based evaluation during training (decode + exact match / ROUGE)
+  ``curves``      train / eval curves of runs from their metrics.jsonl (``proxytune plot``)
 """
 from proxytune_jax.training.config import (CheckpointConfig, DataConfig, ModelConfig, TrainConfig, apply_overrides,
                                            load_config)
