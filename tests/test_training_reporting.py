@@ -284,3 +284,32 @@ def test_report_and_gen_eval_mistakes_are_user_errors(monkeypatch, tmp_path):
     (tmp_path / "p.jsonl").write_text('{"prompt": "q"}\n')
     with pytest.raises(UserError, match="no reference"):
         read_prompt_set(tmp_path / "p.jsonl")
+
+
+def test_a_resumed_run_replaces_the_lost_steps_in_tensorboard(runs, tmp_path):
+    """A run killed after step 24 was logged but before its checkpoint: the rerun resumes from step 12, and
+    TensorBoard (its own reader) shows each step once, with the values of metrics.jsonl as rewritten."""
+    import shutil
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    run = tmp_path / "lr_1e-2"
+    shutil.copytree(runs / "lr_1e-2", run, ignore=shutil.ignore_patterns("wandb", "final", "profile"))
+    shutil.rmtree(run / "checkpoints" / str(STEPS))  # the kill: step 24's checkpoint never completed
+    before = _expected_scalars(run)
+    student = json.loads((run / "config.json").read_text())["model"]["student"]
+    args = ["train", "--config", str(SFT_CONFIG), "--no-progress", *_overrides(runs, Path(student), STEPS, 1e-2),
+            "--set", f"gen_eval.every={EVERY}", "--set", "gen_eval.max_new_tokens=10", "--set", "gen_eval.batch_size=4",
+            "--set", 'gen_eval.metrics=["accuracy", "rouge"]', "--set", "export=false",
+            "--report-to", "tensorboard", "--workdir", str(run)]
+    assert cli.main(args) == 0
+    assert json.loads((run / "run_info.json").read_text())["resumed_from"] == EVERY
+    assert len(list((run / "tensorboard").glob("events.out.tfevents.*"))) == 2
+    acc = EventAccumulator(str(run / "tensorboard"), size_guidance={"scalars": 0})
+    acc.Reload()
+    expected = _expected_scalars(run)
+    assert set(expected) == set(before) and set(acc.Tags()["scalars"]) == set(expected)
+    for tag, points in expected.items():
+        got = [(e.step, e.value) for e in acc.Scalars(tag)]
+        assert [s for s, _ in got] == sorted(points), tag  # every step once: the lost ones purged
+        for step, value in got:
+            assert value == pytest.approx(points[step], rel=1e-6, abs=1e-12), (tag, step)
