@@ -12,7 +12,6 @@ import subprocess
 from pathlib import Path
 
 import jax
-import numpy as np
 import pytest
 
 from proxytune_jax import cli
