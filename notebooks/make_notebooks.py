@@ -10,7 +10,11 @@ import nbformat
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
 HERE = Path(__file__).resolve().parent
-REPO_URL = "https://github.com/OWNER/proxytune_jax"  # this repository's URL (for the Colab install cell)
+README = HERE.parent / "README.md"
+# This repository's URL: the one place to set it. The Colab install cell and the README's "Open in Colab" links
+# (rewritten by this script between the colab-links markers) are made from it.
+REPO_URL = "https://github.com/OWNER/proxytune_jax"
+BRANCH = "main"
 
 INSTALL = f'''\
 # Colab: install proxytune_jax from the repository. Elsewhere this cell does nothing: run the notebook from a
@@ -25,17 +29,25 @@ if IN_COLAB:
     subprocess.check_call([sys.executable, "-m", "pip", "install", "-q", f"git+{{REPO_URL}}"])'''
 
 SETUP = '''\
-# The same code runs on TPU, GPU or CPU: JAX picks the accelerator it finds.
+# The same code runs on TPU, GPU or CPU: JAX picks the accelerator it finds, and the meshes below span all of
+# its devices (one device on a plain CPU; the tests simulate 8 with XLA_FLAGS=--xla_force_host_platform_device_count=8).
 import os, time
 import jax
 import numpy as np
 import pandas as pd
 import matplotlib.pyplot as plt
+from proxytune_jax.sharding import MeshConfig, make_mesh
 
 # "tiny" (used by the tests, ~1 minute on a CPU) or "small" (the `proxytune demo` world: a few minutes on a
 # CPU, well under a minute on an accelerator). Set PROXYTUNE_NOTEBOOK_SIZE before starting the kernel.
 SIZE = os.environ.get("PROXYTUNE_NOTEBOOK_SIZE", "small")
-print("devices:", jax.devices(), "| size:", SIZE)'''
+n_devices = jax.device_count()
+# Decoding: data parallel, each batch of prompts split over every device (the models replicated).
+decode_mesh = make_mesh(MeshConfig(data=-1))
+# Training: batches over data x fsdp, params and optimizer moments sharded over fsdp (2 when it divides).
+train_mesh = make_mesh(MeshConfig(data=-1, fsdp=2 if n_devices % 2 == 0 else 1))
+print(f"{n_devices} {jax.devices()[0].platform} device(s) | size: {SIZE}")
+print("decode mesh", dict(decode_mesh.shape), "| train mesh", dict(train_mesh.shape))'''
 
 WORLD = '''\
 # The toy world (proxytune_jax.toyworld): invented people own coins. Their coin counts appear only in a raw
@@ -81,12 +93,12 @@ from proxytune_jax.toyworld.evaluate import generate
 
 m = models
 runs = {
-    "base-large": generate([m["base-large"]], tok, questions, chat=[False]),
-    "tuned-small (expert)": generate([m["tuned-small"]], tok, questions, chat=[True]),
+    "base-large": generate([m["base-large"]], tok, questions, chat=[False], mesh=decode_mesh),
+    "tuned-small (expert)": generate([m["tuned-small"]], tok, questions, chat=[True], mesh=decode_mesh),
     "proxy-tuned large": generate([m["base-large"], m["tuned-small"], m["base-small"]], tok, questions,
                                   chat=[False, True, False], rule="proxy_tuning", fusion_params={"alpha": 1.0},
-                                  analysis=True),
-    "tuned-large (target)": generate([m["tuned-large"]], tok, questions, chat=[True]),
+                                  analysis=True, mesh=decode_mesh),
+    "tuned-large (target)": generate([m["tuned-large"]], tok, questions, chat=[True], mesh=decode_mesh),
 }
 table = pd.DataFrame({"held-out accuracy": {k: r.accuracy for k, r in runs.items()}})
 gap = gap_closed(runs["base-large"].accuracy, runs["proxy-tuned large"].accuracy, runs["tuned-large (target)"].accuracy)
@@ -100,11 +112,12 @@ pd.DataFrame({"question": [q.question for q in questions[:4]],
               **{k: r.completions[:4] for k, r in runs.items()}})'''
 
 PT_SWEEP = '''\
-# α sweep: α is a traced argument of the compiled decoder, so one TextGenerator serves every value.
+# α sweep: α is a traced argument of the compiled decoder, so one TextGenerator serves every value; its
+# batches are split over the decode mesh.
 from proxytune_jax.decoding.pipeline import TextGenerator
 
 gen = TextGenerator([m["base-large"], m["tuned-small"], m["base-small"]], [tok] * 3, "proxy_tuning",
-                    chat_template=[False, True, False])
+                    chat_template=[False, True, False], mesh=decode_mesh)
 alphas = [0.0, 0.25, 0.5, 1.0, 1.5, 2.0] if SIZE != "tiny" else [0.0, 1.0, 2.0]
 accs = [generate([], tok, questions, chat=[False, True, False], fusion_params={"alpha": a}, generator=gen).accuracy
         for a in alphas]
@@ -122,7 +135,8 @@ trio = [m["base-large"], m["tuned-small"], m["base-small"]]
 rules = {"proxy_tuning (alpha 1)": ("proxy_tuning", {"alpha": 1.0}),
          "dexperts (alpha 2, p 0.9)": ("dexperts", {"alpha": 2.0, "filter_p": 0.9})}
 pd.DataFrame({"held-out accuracy": {
-    name: generate(trio, tok, questions, chat=[False, True, False], rule=rule, fusion_params=params).accuracy
+    name: generate(trio, tok, questions, chat=[False, True, False], rule=rule, fusion_params=params,
+                   mesh=decode_mesh).accuracy
     for name, (rule, params) in rules.items()}})'''
 
 D_INTRO = """\
@@ -228,7 +242,7 @@ def teacher_forced(model, data):
 rows, diagram = {}, {}
 for name, model in {"teacher (tuned-large)": teacher, **students}.items():
     nll, (conf, corr) = teacher_forced(model, heldout_data)
-    acc = generate([model], tok, questions, chat=[True]).accuracy
+    acc = generate([model], tok, questions, chat=[True], mesh=decode_mesh).accuracy
     rows[name] = {"held-out accuracy": acc, "response NLL": nll, "ECE (10 bins)": expected_calibration_error(conf, corr, 10),
                   "ECE (15 bins)": expected_calibration_error(conf, corr, 15)}
     diagram[name] = (conf, corr)
@@ -243,11 +257,57 @@ plot_reliability_diagram({k: diagram[k] for k in keep if k in diagram}, path, n_
                          title="held-out response tokens")
 display(Image(path))'''
 
+D_SHARDED_INTRO = """\
+## A distillation run sharded over the mesh, with TensorBoard and generation-based evaluation
+
+`proxytune_jax.training.train` is what `proxytune train` runs: the student's params and optimizer state are
+sharded over the `fsdp` axis of `train_mesh`, each batch over `data x fsdp`, the teacher is frozen beside it.
+The run writes `metrics.jsonl`, TensorBoard events (`tensorboard --logdir distill_run`), checkpoints and a
+Hugging Face folder; `gen_eval` decodes greedy answers to the held-out questions during training and scores
+them (accuracy, ROUGE). `training.curves.plot_curves` draws the curves without TensorBoard."""
+
+D_SHARDED = '''\
+import json
+from pathlib import Path
+
+from IPython.display import Image, display
+
+from proxytune_jax.training import (CheckpointConfig, DataConfig, GenEvalConfig, ModelConfig, OnlineDistillation,
+                                    OptimConfig, TrainConfig, train)
+from proxytune_jax.training.curves import plot_curves
+
+run_dir = Path("distill_run")
+rows = lambda qs: "".join(json.dumps({"prompt": q.question, "response": q.answer}) + "\\n" for q in qs)
+Path("toy_train.jsonl").write_text(rows(tw.world.tune))
+Path("toy_heldout.jsonl").write_text(rows(questions))
+tok.save_pretrained("toy_tokenizer")  # the toy models' folders hold weights only
+run_steps = 6 if SIZE == "tiny" else 100
+rows_per_step = 2 * n_devices * (1 if SIZE == "tiny" else 4)  # a multiple of data x fsdp
+config = TrainConfig(
+    model=ModelConfig(student=str(tw.model_path("base-small")), tokenizer="toy_tokenizer"),
+    data=DataConfig(train_file="toy_train.jsonl", eval_file="toy_heldout.jsonl", max_length=tw.config.max_length,
+                    batch_size=rows_per_step),
+    objective=OnlineDistillation(teacher=str(tw.model_path("tuned-large")), loss="forward_kl"),
+    optim=OptimConfig(learning_rate=1e-3, warmup_steps=max(1, run_steps // 10), weight_decay=0.0),
+    checkpoint=CheckpointConfig(save_every=run_steps), steps=run_steps, log_every=max(1, run_steps // 10),
+    eval_every=run_steps // 2,
+    gen_eval=GenEvalConfig(every=run_steps, max_new_tokens=32, batch_size=rows_per_step, metrics=("accuracy", "rouge"),
+                           max_prompts=len(questions)))
+result = train(config, run_dir, mesh=train_mesh, progress=False, return_state=True)
+specs = [x.sharding.spec for x in jax.tree.leaves(result.state.params)]
+print(f"{sum('fsdp' in str(sp) for sp in specs)} of {len(specs)} student param arrays sharded over fsdp on",
+      dict(train_mesh.shape))
+print("held-out eval:", {k: round(v, 4) for k, v in result.eval_metrics.items()})
+print("generation-based eval:", {k: round(v, 4) for k, v in result.gen_eval_metrics.items()})
+plot_curves([run_dir], "distill_curves.png", ["train/loss", "eval/loss", "gen_eval/accuracy"])
+display(Image("distill_curves.png"))'''
+
 NOTEBOOKS = {
     "proxy_tuning.ipynb": [("md", PT_INTRO), ("code", INSTALL), ("code", SETUP), ("code", WORLD), ("code", PT_EVAL),
                            ("code", PT_EXAMPLES), ("code", PT_SWEEP), ("code", PT_RULES)],
     "distillation.ipynb": [("md", D_INTRO), ("code", INSTALL), ("code", SETUP), ("code", WORLD), ("code", D_SETUP),
-                           ("code", D_TRAIN), ("code", D_EVAL), ("code", D_PLOT)],
+                           ("code", D_TRAIN), ("code", D_EVAL), ("code", D_PLOT), ("md", D_SHARDED_INTRO),
+                           ("code", D_SHARDED)],
 }
 
 
@@ -265,10 +325,31 @@ def build(name: str) -> nbformat.NotebookNode:
     return nb
 
 
+COLAB_START, COLAB_END = "<!-- colab-links (notebooks/make_notebooks.py) -->", "<!-- /colab-links -->"
+
+
+def colab_url(name: str) -> str:
+    path = REPO_URL.removeprefix("https://github.com/").removesuffix(".git")
+    return f"https://colab.research.google.com/github/{path}/blob/{BRANCH}/notebooks/{name}"
+
+
+def colab_links() -> str:
+    """The README's block of "Open in Colab" links, from REPO_URL."""
+    links = " ".join(f"[Open `{name}` in Colab]({colab_url(name)})" for name in NOTEBOOKS)
+    return f"{COLAB_START}\n{links}\n{COLAB_END}"
+
+
+def readme_with_links(text: str) -> str:
+    start, end = text.index(COLAB_START), text.index(COLAB_END) + len(COLAB_END)
+    return text[:start] + colab_links() + text[end:]
+
+
 def main(argv=None) -> int:
     for name in NOTEBOOKS:
         nbformat.write(build(name), HERE / name)
         print("wrote", HERE / name)
+    README.write_text(readme_with_links(README.read_text()))
+    print("wrote the Colab links of", README)
     return 0
 
 

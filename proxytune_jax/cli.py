@@ -16,6 +16,7 @@ COMMANDS = {
     "eval": "score generation outputs against references (accuracy, exact match, ROUGE, ...)",
     "topk-cache": "a teacher's top-k cache for offline distillation: from a local model, or from recorded API "
                   "responses with top_logprobs",
+    "plot": "train / eval curves of one or several training runs (ablation overlays) to a PNG",
 }
 
 

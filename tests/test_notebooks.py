@@ -1,9 +1,13 @@
 """The notebooks are stored without outputs, match their generator (notebooks/make_notebooks.py), and run
-headless (nbclient) at the tiny toy-world size; the two share one toy-world cache, so the world is built once."""
+headless (nbclient) at the tiny toy-world size on 8 simulated CPU devices (their meshes span all of them); the
+two share one toy-world cache, so the world is built once. The README's Colab links come from the generator's
+one REPO_URL."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
+import re
 from pathlib import Path
 
 import nbformat
@@ -35,10 +39,22 @@ def test_stored_without_outputs_and_in_sync(name):
     assert "colab-install" in install.metadata.get("tags", []) and "if IN_COLAB:" in install.source
 
 
+def test_repository_url_is_set_in_one_place():
+    gen = load_generator()
+    readme = (REPO / "README.md").read_text()
+    assert gen.readme_with_links(readme) == readme, "README's Colab links are stale: run notebooks/make_notebooks.py"
+    for name in NAMES:
+        assert gen.colab_url(name) in readme
+        assert gen.REPO_URL.removeprefix("https://github.com/") in gen.colab_url(name)
+        install = nbformat.read(NB_DIR / name, as_version=4).cells[1].source
+        assert f'"{gen.REPO_URL}"' in install
+
+
 @pytest.fixture(scope="module")
 def shared_env(tmp_path_factory):
     env = {"PROXYTUNE_NOTEBOOK_SIZE": "tiny", "PROXYTUNE_CACHE": str(tmp_path_factory.mktemp("nbcache")),
-           "JAX_DISABLE_MOST_OPTIMIZATIONS": "1"}
+           "JAX_DISABLE_MOST_OPTIMIZATIONS": "1", "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)  # the kernel inherits this process's environment
     yield env
@@ -68,9 +84,13 @@ def text_outputs(nb) -> str:
     return "\n".join(parts)
 
 
+MESHES = "decode mesh {'data': 8, 'fsdp': 1, 'tensor': 1} | train mesh {'data': 4, 'fsdp': 2, 'tensor': 1}"
+
+
 def test_proxy_tuning_notebook_runs(shared_env, tmp_path):
     nb = execute("proxy_tuning.ipynb", tmp_path)
     out = text_outputs(nb)
+    assert "8 cpu device(s)" in out and MESHES in out
     for row in ("base-large", "tuned-small (expert)", "proxy-tuned large", "tuned-large (target)", "dexperts"):
         assert row in out
     assert "gap closed" in out and "top-1 tokens changed" in out
@@ -85,3 +105,13 @@ def test_distillation_notebook_runs(shared_env, tmp_path):
         assert row in out
     assert "ECE (10 bins)" in out
     assert (tmp_path / "reliability_toyworld.png").stat().st_size > 1000
+    # the sharded run: params over fsdp, its metrics, TensorBoard events, gen_eval and the curves PNG
+    assert "8 cpu device(s)" in out and MESHES in out
+    sharded = re.search(r"(\d+) of (\d+) student param arrays sharded over fsdp", out)
+    assert sharded and int(sharded.group(1)) > 0, out[-2000:]
+    run = tmp_path / "distill_run"
+    lines = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [l["step"] for l in lines if "gen_eval_accuracy" in l] == [0, 6]
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    assert (tmp_path / "distill_curves.png").stat().st_size > 1000
+    assert "generation-based eval: {'gen_eval_accuracy'" in out

@@ -14,9 +14,8 @@ from pathlib import Path
 
 from proxytune_jax.errors import UserError
 from proxytune_jax.atomic import write_json_atomic
+from proxytune_jax.eval.scoring import METRICS, score  # noqa: F401  (score: imported by callers from here too)
 from proxytune_jax.jsonl import iter_jsonl
-
-METRICS = ("accuracy", "exact_match", "rouge")
 PREDICTION_FIELDS = ("completion", "prediction", "output", "generation", "response", "text")
 REFERENCE_FIELDS = ("answer", "reference", "target", "completion", "output", "response", "text")
 
@@ -83,20 +82,6 @@ def pair(preds: list[dict], refs: list[dict], pf: str, rf: str, paths: tuple[Pat
     if len(preds) != len(refs):
         raise UserError(f"{len(preds)} predictions but {len(refs)} references and no 'id' fields to pair them")
     return [str(p[pf]) for p in preds], [str(r[rf]) for r in refs]
-
-
-def score(predictions: list[str], references: list[str], metrics) -> dict[str, float]:
-    from proxytune_jax.eval import accuracy, rouge, string_exact_match
-
-    out: dict[str, float] = {"n": len(predictions)}
-    for m in metrics:
-        if m == "accuracy":
-            out["accuracy"] = accuracy(predictions, references)
-        elif m == "exact_match":
-            out["exact_match"] = string_exact_match(predictions, references)
-        elif m == "rouge":
-            out.update(rouge(predictions, references))
-    return out
 
 
 def run(args) -> int:

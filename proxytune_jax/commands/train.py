@@ -20,6 +20,13 @@ def add_arguments(parser):
                              "--set objective.loss=reverse_kl --set optim.learning_rate=1e-3")
     parser.add_argument("--workdir", required=True, help="run directory (created; rerun to resume)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--report-to", default=None, metavar="WRITERS",
+                        help="metric writers besides metrics.jsonl, comma-separated: tensorboard (default; event "
+                             "files in WORKDIR/tensorboard), wandb (pip install 'proxytune_jax[wandb]'), or none "
+                             "(sets report.to)")
+    parser.add_argument("--profile", default=None, metavar="STEPS",
+                        help="write a jax.profiler trace of steps A:B (e.g. 5:8) or of N steps after the first to "
+                             "WORKDIR/profile (sets report.profile)")
     parser.add_argument("--cpu-devices", type=int, default=0, metavar="N",
                         help="run on N JAX CPU devices carved out of this machine's cores (sets XLA_FLAGS="
                              "--xla_force_host_platform_device_count=N before JAX starts); the mesh's data axis "
@@ -52,6 +59,18 @@ def use_cpu_devices(n: int) -> None:
                             "`proxytune train` process (or set XLA_FLAGS yourself)")
 
 
+def report_overrides(args) -> list[str]:
+    """``--report-to`` / ``--profile`` as ``--set`` overrides of the config's ``report`` fields."""
+    import json
+    out = []
+    if args.report_to is not None:
+        names = [n.strip() for n in args.report_to.split(",") if n.strip()]
+        out.append(f"report.to={json.dumps(names)}")
+    if args.profile is not None:
+        out.append(f"report.profile={args.profile}")
+    return out
+
+
 def run(args) -> int:
     if args.cpu_devices:
         use_cpu_devices(args.cpu_devices)
@@ -61,7 +80,7 @@ def run(args) -> int:
     from proxytune_jax.training.config import load_config
     from proxytune_jax.training.loop import train
 
-    config = load_config(args.config, args.overrides)
+    config = load_config(args.config, args.overrides + report_overrides(args))
     result = train(config, args.workdir, progress=not args.no_progress)
     summary = {k: round(v, 6) for k, v in result.last_metrics.items() if isinstance(v, float)}
     print(f"proxytune train: step {result.final_step}/{config.steps} in {args.workdir}"
@@ -70,6 +89,8 @@ def run(args) -> int:
         print("  last logged: " + ", ".join(f"{k}={v}" for k, v in summary.items()))
     if result.eval_metrics:
         print("  eval: " + ", ".join(f"{k}={v:.6g}" for k, v in result.eval_metrics.items()))
+    if result.gen_eval_metrics:
+        print("  gen eval: " + ", ".join(f"{k}={v:.6g}" for k, v in result.gen_eval_metrics.items()))
     if result.export_dir is not None:
         print(f"  exported Hugging Face folder: {result.export_dir}")
     return 0

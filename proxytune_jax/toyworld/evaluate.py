@@ -27,14 +27,20 @@ class Generations:
 
 def generate(models: Sequence, tokenizer, questions: Sequence[Question], *, chat: Sequence[bool],
              rule: str = "plain", fusion_params: dict | None = None, batch_size: int | None = None,
-             analysis: bool = False, generator=None) -> Generations:
+             analysis: bool = False, generator=None, mesh=None) -> Generations:
     """Greedy completions of ``questions`` by ``models`` combined with ``rule``; ``chat[i]`` says whether
-    model i reads the chat template. Pass ``generator`` (a ``TextGenerator``) to reuse its compiled program."""
+    model i reads the chat template. Pass ``generator`` (a ``TextGenerator``) to reuse its compiled program.
+    ``mesh``: decode on it, each batch split over its ``data x fsdp`` devices (the default batch, all questions,
+    is rounded up to a multiple of them; the padding rows are dropped)."""
     from proxytune_jax.decoding.pipeline import TextGenerator
 
-    gen = generator or TextGenerator(list(models), [tokenizer] * len(models), rule, chat_template=list(chat))
+    gen = generator or TextGenerator(list(models), [tokenizer] * len(models), rule, chat_template=list(chat),
+                                     mesh=mesh)
     prompts = [q.question for q in questions]
     bs = batch_size or len(prompts)
+    if batch_size is None and gen.decoder.mesh is not None:
+        shards = gen.decoder.mesh.shape["data"] * gen.decoder.mesh.shape["fsdp"]
+        bs = -(-bs // shards) * shards
     outs = gen.generate(prompts, max_new_tokens=MAX_NEW_TOKENS, batch_size=bs, fusion_params=fusion_params,
                         analysis=analysis)
     texts = [o.completion for o in outs]

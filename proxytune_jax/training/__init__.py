@@ -14,9 +14,13 @@ Modules (one idea each):
   ``data``        JSONL -> tokenized, padded or packed, deterministic and resumable batches
   ``topk_cache``  offline teacher top-k caches aligned with a JSONL file
   ``loop``        ``train(config, workdir)``: files, checkpoints, resume, metrics, export
+  ``reporting``   metric writers (metrics.jsonl, TensorBoard, W&B; ``register_writer``) and ``run_info``
+  ``profiling``   ``--profile STEPS``: a ``jax.profiler`` trace of chosen steps
+  ``gen_eval``    generation-based evaluation during training (decode + exact match / ROUGE)
+  ``curves``      train / eval curves of runs from their metrics.jsonl (``proxytune plot``)
 """
-from proxytune_jax.training.config import (CheckpointConfig, DataConfig, ModelConfig, TrainConfig, apply_overrides,
-                                           load_config)
+from proxytune_jax.training.config import (CheckpointConfig, DataConfig, GenEvalConfig, ModelConfig, ReportConfig,
+                                           TrainConfig, apply_overrides, load_config)
 from proxytune_jax.training.data import Batches, DataPosition, load_batches, read_jsonl, tokenize_records
 from proxytune_jax.training.objectives import (OBJECTIVES, SFT, TAID, Bayesian, DataContext, LossTerm, Objective,
                                                OfflineLogits, OfflineTopK, OnlineDistillation,
@@ -36,7 +40,7 @@ def train(config, workdir, **kwargs):
 
 
 __all__ = [
-    "TrainConfig", "ModelConfig", "DataConfig", "CheckpointConfig", "apply_overrides", "load_config", "Batches",
+    "TrainConfig", "ModelConfig", "DataConfig", "CheckpointConfig", "ReportConfig", "GenEvalConfig", "apply_overrides", "load_config", "Batches",
     "DataPosition", "load_batches", "read_jsonl", "tokenize_records", "OBJECTIVES", "Objective", "DataContext",
     "LossTerm", "SFT", "OnlineDistillation", "OnlineDistillationChunked", "OfflineLogits", "OfflineTopK",
     "Bayesian", "TAID", "OnPolicyDistillation", "ProxyTunedTeacher", "get_objective", "register_objective", "OptimConfig", "learning_rate_schedule", "make_optimizer",

@@ -7,6 +7,8 @@
       optim      OptimConfig       AdamW + warmup-cosine (``total_steps`` 0: the run's ``steps``)
       mesh       MeshConfig        (data, fsdp, tensor) sizes
       checkpoint CheckpointConfig  save_every, keep
+      report     ReportConfig      metric writers (TensorBoard by default, W&B), profiler trace steps
+      gen_eval   GenEvalConfig     generation-based evaluation every N steps (decode + exact match / ROUGE)
       steps, seed, grad_accum_steps, steps_per_call, log_every, eval_every, export
 
 A config file (e.g. ``experiments/configs/sft_tiny.py``) is ordinary Python that defines a module-level
@@ -57,6 +59,37 @@ class CheckpointConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class ReportConfig:
+    """Where metrics go besides ``metrics.jsonl`` (always written): ``to`` names writers of
+    ``training.reporting.WRITERS`` ("tensorboard": event files in WORKDIR/tensorboard, "wandb": a Weights &
+    Biases run, needs ``pip install proxytune_jax[wandb]``); ``("none",)`` writes only metrics.jsonl.
+    ``profile``: a ``jax.profiler`` trace of steps "A:B" (inclusive) or of "N" steps after the first step of the
+    run, written to WORKDIR/profile ("": none)."""
+    to: tuple[str, ...] = ("tensorboard",)
+    wandb_project: str = "proxytune_jax"
+    wandb_entity: str = ""  # "" = your default entity
+    wandb_name: str = ""  # "" = the workdir's name
+    profile: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class GenEvalConfig:
+    """Generation-based evaluation during training (``training.gen_eval``): every ``every`` steps (and at step 0
+    and the last step) decode greedy answers for the prompts of ``prompts_file`` (JSONL with "prompt" and a
+    reference in "answer", "reference" or "response"; default: ``data.eval_file``) with the library's decoder on
+    the current params and score them with ``metrics`` (``eval.scoring.METRICS``: accuracy = GSM-style answer
+    match, exact_match = whole strings, rouge = ROUGE-1/2/L). Logged as ``gen_eval_<metric>`` in metrics.jsonl
+    (``gen_eval/<metric>`` in TensorBoard / W&B); the decoded answers go to WORKDIR/gen_eval/step_<N>.jsonl."""
+    every: int = 0  # 0: off
+    prompts_file: str = ""
+    max_prompts: int = 0  # 0: all
+    max_new_tokens: int = 32
+    batch_size: int = 8
+    metrics: tuple[str, ...] = ("accuracy",)
+    stop: tuple[str, ...] = ()  # stop strings (the answer is cut before them)
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainConfig:
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
@@ -64,6 +97,8 @@ class TrainConfig:
     optim: OptimConfig = OptimConfig()
     mesh: MeshConfig = MeshConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
+    report: ReportConfig = ReportConfig()
+    gen_eval: GenEvalConfig = GenEvalConfig()
     steps: int = 1000
     seed: int = 0  # data order and the PRNG key of the train state
     grad_accum_steps: int = 1  # micro-batches per step (data.batch_size must be divisible by it)
@@ -98,14 +133,52 @@ class TrainConfig:
                             f"{self.grad_accum_steps}")
         self.optim_config().validate()
         self.objective.validate()
+        _validate_report(self.report)
+        _validate_gen_eval(self.gen_eval, self.data)
 
     def to_dict(self) -> dict:
         return to_dict(self)
 
 
+def _validate_report(report: ReportConfig) -> None:
+    from proxytune_jax.training.reporting import WRITERS
+    from proxytune_jax.training.profiling import parse_profile_steps
+    names = [n.strip() for n in report.to]
+    unknown = [n for n in names if n not in WRITERS and n != "none"]
+    if unknown:
+        raise UserError(f"report.to: unknown writer {unknown[0]!r}; choose from none, {', '.join(WRITERS)} "
+                        "(e.g. --report-to tensorboard,wandb)")
+    if "none" in names and len(names) > 1:
+        raise UserError("report.to: 'none' cannot be combined with other writers; drop it or the others")
+    parse_profile_steps(report.profile)  # raises on a malformed spec
+
+
+def _validate_gen_eval(g: GenEvalConfig, data: DataConfig) -> None:
+    from proxytune_jax.eval.scoring import METRICS
+    if g.every < 0:
+        raise UserError(f"gen_eval.every must be >= 0 (0: off), got {g.every}")
+    if not g.every:
+        return
+    if not (g.prompts_file or data.eval_file):
+        raise UserError("gen_eval.every is set but there are no prompts: set gen_eval.prompts_file (JSONL with "
+                        "\"prompt\" and \"answer\") or data.eval_file")
+    for name, value in (("gen_eval.max_new_tokens", g.max_new_tokens), ("gen_eval.batch_size", g.batch_size)):
+        if value < 1:
+            raise UserError(f"{name} must be >= 1, got {value}")
+    if g.max_prompts < 0:
+        raise UserError(f"gen_eval.max_prompts must be >= 0 (0: all), got {g.max_prompts}")
+    if not g.metrics:
+        raise UserError(f"gen_eval.metrics is empty; name at least one of {', '.join(METRICS)}")
+    bad = [m for m in g.metrics if m not in METRICS]
+    if bad:
+        raise UserError(f"gen_eval.metrics: unknown metric {bad[0]!r}; choose from {', '.join(METRICS)}")
+
+
 # Fields that may differ when a run is resumed (they do not change what has been computed so far).
 RESUMABLE_CHANGES = frozenset({"steps", "checkpoint.save_every", "checkpoint.keep", "log_every", "eval_every",
-                               "export", "mesh.data", "mesh.fsdp", "mesh.tensor", "steps_per_call"})
+                               "export", "mesh.data", "mesh.fsdp", "mesh.tensor", "steps_per_call"}
+                              | {f"report.{f.name}" for f in dataclasses.fields(ReportConfig)}
+                              | {f"gen_eval.{f.name}" for f in dataclasses.fields(GenEvalConfig)})
 
 
 # ------------------------------------------------------------------------------------------ tree <-> dict

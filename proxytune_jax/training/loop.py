@@ -5,7 +5,11 @@ Workdir layout:
                       ``config.RESUMABLE_CHANGES``);
   ``metrics.jsonl``   one line per logged step: ``step``, every loss term, ``learning_rate``, ``grad_norm``,
                       ``tokens``, ``tokens_per_s`` (real tokens of the batches since the last log / wall time);
-                      evaluation lines carry ``eval_*`` keys;
+                      evaluation lines carry ``eval_*`` keys, generation-based evaluation lines
+                      ``gen_eval_*`` keys (``training.gen_eval``; its answers in ``gen_eval/``);
+  ``tensorboard/``    the same numbers as TensorBoard event files (``report.to``, ``training.reporting``; or a
+                      W&B run); ``run_info.json``: config, git commit, package versions, devices;
+  ``profile/``        a ``jax.profiler`` trace of the steps of ``report.profile`` (``training.profiling``);
   ``checkpoints/``    orbax steps (``proxytune_jax.checkpoint``), every ``save_every`` steps and at the end;
   ``final/``          the trained params as a Hugging Face folder (+ tokenizer), when ``export``.
 
@@ -34,13 +38,16 @@ from tqdm.auto import tqdm
 from proxytune_jax.checkpoint import Checkpointer
 from proxytune_jax.errors import UserError
 from proxytune_jax.jsonl import read_json_file
-from proxytune_jax.atomic import append_line, write_json_atomic, write_text_atomic
+from proxytune_jax.atomic import write_json_atomic, write_text_atomic
 from proxytune_jax.sharding import (make_mesh, put_global, put_global_batch, put_stacked_batches, replicated,
                                     to_host, tree_shardings)
 from proxytune_jax.training.config import TrainConfig, check_resume_compatible
 from proxytune_jax.training.data import Batches, load_batches
+from proxytune_jax.training.gen_eval import GenerationEval
 from proxytune_jax.training.objectives import DataContext
 from proxytune_jax.training.optim import learning_rate_schedule, make_optimizer
+from proxytune_jax.training.profiling import StepProfiler
+from proxytune_jax.training.reporting import Reporter, run_info
 from proxytune_jax.training.state import abstract_train_state, init_train_state, split_params
 from proxytune_jax.training.step import make_eval_step, make_multi_step, make_train_step, mean_metrics
 from proxytune_jax.training.trainer import run_steps
@@ -57,6 +64,7 @@ class TrainResult:
     last_metrics: dict
     eval_metrics: dict
     state: Any = None  # the final TrainState (on device)
+    gen_eval_metrics: dict = dataclasses.field(default_factory=dict)  # the last generation-based evaluation
 
 
 def _dtype(name: str):
@@ -70,14 +78,9 @@ def _load_model(path: str | Path, dtype, what: str):
     return load_pretrained(resolve_model_path(path, what=what), dtype=dtype)
 
 
-def _write_json_line(path: Path, obj: dict) -> None:
-    """Append one whole line, flushed and fsynced (a crash leaves whole lines; resume truncates the rest)."""
-    append_line(path, json.dumps(obj))
-
-
-def _last_eval(path: Path, step: int) -> dict:
+def _last_eval(path: Path, step: int, prefix: str = "eval_") -> dict:
     lines = [json.loads(l) for l in path.read_text().splitlines()] if path.exists() else []
-    evals = [l for l in lines if l.get("step") == step and any(k.startswith("eval_") for k in l)]
+    evals = [l for l in lines if l.get("step") == step and any(k.startswith(prefix) for k in l)]
     return {k: v for k, v in evals[-1].items() if k != "step"} if evals else {}
 
 
@@ -196,7 +199,10 @@ def train(config: TrainConfig, workdir: str | Path, *, mesh=None, progress: bool
     student = _load_model(student_dir, _dtype(config.model.param_dtype), "student")
     graphdef, params = split_params(student)
     rules = partition_rules(student.config)
+    student_config = student.config
     del student
+    gen_eval = (GenerationEval(config.gen_eval, d, tokenizer, student_config, workdir, mesh, write=primary)
+                if config.gen_eval.every else None)
 
     frozen, frozen_graphdefs = {}, {}
     for role, path in frozen_dirs.items():
@@ -251,6 +257,25 @@ def train(config: TrainConfig, workdir: str | Path, *, mesh=None, progress: bool
     eval_step = (make_eval_step(loss_fn, mesh, params_shardings=shardings.params, frozen=frozen, seed=config.seed,
                                 state=extras) if eval_src else None)
 
+    reporter = Reporter(workdir, config.report, resumed_from=resumed_from, enabled=primary)
+    profiler = StepProfiler(config.report.profile, workdir / "profile", start=start, enabled=primary)
+    try:
+        reporter.log_run_info(run_info(config.to_dict(), resumed_from=resumed_from))
+        return _run(config=config, workdir=workdir, metrics_file=metrics_file, tokenizer=tokenizer, mesh=mesh,
+                    train_data=train_data, eval_src=eval_src, train_src=train_src, graphdef=graphdef, state=state,
+                    start=start, resumed_from=resumed_from, ckpt=ckpt, train_step=train_step,
+                    multi_step=multi_step, eval_step=eval_step, gen_eval=gen_eval, reporter=reporter,
+                    profiler=profiler, on_step=on_step, progress=progress, primary=primary,
+                    return_state=return_state)
+    finally:
+        profiler.stop()
+        reporter.close()
+
+
+def _run(*, config, workdir, primary, metrics_file, tokenizer, mesh, train_data, eval_src, train_src, graphdef,
+         state, start, resumed_from, ckpt, train_step, multi_step, eval_step, gen_eval, reporter, profiler, on_step,
+         progress, return_state):
+    """The steps, evaluations and export of ``train`` (its locals, once the state is ready)."""
     def meta_for(step: int) -> dict:
         return {"step": step, "data_position": train_data.position(step).to_dict(),
                 "num_examples": len(train_data.examples), "config": config.to_dict()}
@@ -258,17 +283,24 @@ def train(config: TrainConfig, workdir: str | Path, *, mesh=None, progress: bool
     def run_eval(state, step: int) -> dict:
         summed = [eval_step(state.params, _device_batch(b, mesh)) for b in eval_src.host_eval()]
         out = {f"eval_{k}": v for k, v in mean_metrics([jax.tree.map(to_host, m) for m in summed]).items()}
-        if primary:
-            _write_json_line(metrics_file, {"step": step, **out})
+        reporter.log(step, out)
         return out
 
-    log = {"last": {}, "eval": {}, "t0": time.perf_counter(), "tokens": 0}
+    def run_gen_eval(state, step: int) -> dict:
+        out = gen_eval(graphdef, state.params, step)
+        reporter.log(step, out)
+        return out
+
+    log = {"last": {}, "eval": {}, "gen": {}, "t0": time.perf_counter(), "tokens": 0}
     if eval_src and config.eval_every and start == 0:
         log["eval"] = run_eval(state, 0)  # the starting point, for comparison
+    if gen_eval and start == 0:
+        log["gen"] = run_gen_eval(state, 0)
 
     def on_call(state, first: int, hosts: list[dict], metrics: dict):
         n = len(hosts)
         t_call_end, host_metrics = None, None
+        t_evals = time.perf_counter()
         for j, host in enumerate(hosts):
             step = first + j + 1
             log["tokens"] += int(host["attention_mask"].sum())
@@ -282,23 +314,32 @@ def train(config: TrainConfig, workdir: str | Path, *, mesh=None, progress: bool
                 m = {k: float(v[j]) for k, v in host_metrics.items()}
                 logged = {"step": step, **m, "tokens_per_s": log["tokens"] / max(now - log["t0"], 1e-9)}
                 log["t0"], log["tokens"], log["last"] = now, 0, logged
-                if primary:
-                    _write_json_line(metrics_file, logged)
+                reporter.log(step, {k: v for k, v in logged.items() if k != "step"})
                 bar.set_postfix(loss=f"{m['loss']:.4f}")
             if j == n - 1:  # saves and evaluations fall on the last step of a call (trainer.call_length)
                 ckpt.save(step, state, meta_for(step), force=(step == config.steps))
+                t_evals = time.perf_counter()
                 if eval_src and config.eval_every and step % config.eval_every == 0 and step != config.steps:
                     log["eval"] = run_eval(state, step)
+                if gen_eval and step % config.gen_eval.every == 0 and step != config.steps:
+                    log["gen"] = run_gen_eval(state, step)
             if on_step is not None:
                 on_step(step, logged, ckpt)
-        log["t_prev_end"] = time.perf_counter() if t_call_end is None else t_call_end
+        paused = time.perf_counter() - t_evals  # evaluations are not training time (tokens_per_s)
+        log["t0"] += paused
+        log["t_prev_end"] = time.perf_counter() if t_call_end is None else t_call_end + paused
+        profiler.after_call(first + n, metrics)
         return state
+
+    def host_batch(s: int) -> dict:  # s: 0-based, the batch of step s + 1
+        profiler.before_step(s + 1)
+        return train_src.host(s)
 
     bar = tqdm(total=config.steps, initial=start, desc="train", unit="step", disable=not (progress and primary),
                dynamic_ncols=True)
-    cut = (config.checkpoint.save_every, config.eval_every if eval_src else 0)
+    cut = (config.checkpoint.save_every, config.eval_every if eval_src else 0, config.gen_eval.every)
     try:
-        state = run_steps(state, train_step, multi_step, train_src.host,
+        state = run_steps(state, train_step, multi_step, host_batch,
                           lambda hosts: (_device_batch(hosts[0], mesh) if len(hosts) == 1
                                          else _device_batches(hosts, mesh)),
                           start=start, total=config.steps, steps_per_call=config.steps_per_call, cut_every=cut,
@@ -307,6 +348,10 @@ def train(config: TrainConfig, workdir: str | Path, *, mesh=None, progress: bool
             log["eval"] = run_eval(state, config.steps)
         elif eval_src:  # a finished run rerun as it was: its final evaluation is already logged, once
             log["eval"] = _last_eval(metrics_file, config.steps)
+        if gen_eval and start < config.steps:
+            log["gen"] = run_gen_eval(state, config.steps)
+        elif gen_eval:
+            log["gen"] = _last_eval(metrics_file, config.steps, "gen_eval_")
     finally:
         bar.close()
         ckpt.close()
@@ -315,7 +360,8 @@ def train(config: TrainConfig, workdir: str | Path, *, mesh=None, progress: bool
     if config.export:
         export_dir = export_params(graphdef, state.params, workdir / "final", tokenizer=tokenizer)
     return TrainResult(final_step=config.steps, resumed_from=resumed_from, workdir=workdir, export_dir=export_dir,
-                       last_metrics=log["last"], eval_metrics=log["eval"], state=state if return_state else None)
+                       last_metrics=log["last"], eval_metrics=log["eval"], state=state if return_state else None,
+                       gen_eval_metrics=log["gen"])
 
 
 def export_params(graphdef, params, path: Path, *, tokenizer=None) -> Path | None:
