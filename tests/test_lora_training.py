@@ -90,6 +90,14 @@ def test_sft_with_lora_trains_only_the_adapter_and_exports_peft(data_files, tiny
         np.testing.assert_allclose(ours, ref(torch.tensor(ids)).logits.numpy(), atol=1e-4, rtol=0)
     assert (run / "final" / "tokenizer_config.json").is_file()
 
+    # rerun = resume from the adapter-only checkpoint
+    args = _train_args("sft_tiny.py", student, work, train, evalf, "sft", "--set", "steps=44")
+    assert cli.main(args) == 0
+    assert "resumed from step 40" in capsys.readouterr().out
+    resumed, _ = peft_io.load_adapter(run / "final", params, base.config)
+    assert not np.allclose(resumed["model"]["layers"][0]["mlp"]["up_proj"]["weight"]["lora_B"],
+                           adapter["model"]["layers"][0]["mlp"]["up_proj"]["weight"]["lora_B"])
+
 
 def test_online_distillation_with_a_lora_student(data_files, tiny_checkpoint):
     work, train, evalf = data_files
