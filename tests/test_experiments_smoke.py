@@ -60,7 +60,7 @@ def in_unit(x) -> bool:
 def test_every_script_is_covered():
     covered = {"proxy_tune_llama2", "summarization_fusion", "code_adaptation", "task_tuning",
                "distill_sinkd_glue", "distill_losses", "distill_first", "distill_bayesian", "toyworld_seeds",
-               "sinkhorn_gradients", "toyworld_gkd", "toyworld_proxy_distill"}
+               "sinkhorn_gradients", "toyworld_gkd", "toyworld_proxy_distill", "toyworld_lora_expert"}
     assert set(SCRIPTS) <= covered, f"add a smoke test for {sorted(set(SCRIPTS) - covered)}"
     for name in SCRIPTS:
         doc = (REPO / "experiments" / f"{name}.py").read_text()
@@ -191,3 +191,27 @@ def test_loss_benchmark_reports_what_does_not_fit_and_finishes():
     assert roomy.returncode == 0 and "does not fit" not in roomy.stdout, roomy.stderr[-2000:]
     row = next(l for l in roomy.stdout.splitlines() if l.startswith("| forward_kl | 512 |"))
     assert "nan" not in row.split("|")[3]  # measured: plain seconds
+
+
+def test_toyworld_lora_expert(tmp_path, quick_world_cache, capsys):
+    """The LoRA-expert experiment on the quick world, then its adapter proxy-tunes base-large from the CLI."""
+    from proxytune_jax import cli
+    from proxytune_jax.models import peft_io
+    r = run_smoke("toyworld_lora_expert", tmp_path / "run", "--cache-dir", str(quick_world_cache))
+    (row,) = r["per_seed"].values()
+    for k in ("base-large", "tuned-small", "lora-tuned-small", "proxy-tuned-large (full expert)",
+              "proxy-tuned-large (LoRA expert)", "tuned-large"):
+        assert in_unit(row[k]), k
+    assert 0 < row["trainable_params"] < row["full_params"]
+    assert peft_io.read_adapter_config(row["adapter_dir"])[0].r == 4
+    module = importlib.import_module("experiments.toyworld_lora_expert")
+    cli_dir = tmp_path / "cli"
+    module.main(["--smoke", "--cache-dir", str(quick_world_cache), "--export-cli", str(cli_dir)])
+    assert (cli_dir / "lora_expert.py").is_file() and (cli_dir / "base-small" / "tokenizer_config.json").is_file()
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join((cli_dir / "heldout.jsonl").read_text().splitlines(True)[:4]))
+    code = cli.main(["generate", "--target", str(cli_dir / "base-large"), "--expert", str(cli_dir / "base-small"),
+                     "--expert-adapter", row["adapter_dir"], "--anti-expert", str(cli_dir / "base-small"),
+                     "--prompts", str(prompts), "--max-new-tokens", "8", "--output", str(tmp_path / "out.jsonl")])
+    assert code == 0, capsys.readouterr().err
+    assert len((tmp_path / "out.jsonl").read_text().splitlines()) == 4

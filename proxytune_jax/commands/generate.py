@@ -3,7 +3,8 @@
     proxytune generate --target DIR [--expert DIR --anti-expert DIR] [--rule proxy_tuning] [--alpha 1.0]
         [--expert-chat-template] (--prompt TEXT | --prompts FILE.jsonl) --max-new-tokens N [--temperature 0]
         [--top-p 1.0] [--top-k 0] [--seed 0] [--batch-size 8] [--stop STR ...] [--analysis] --output OUT.jsonl
-        [--topk-cache DIR [--topk 5]]
+        [--topk-cache DIR [--topk 5]] [--expert-adapter DIR] [--anti-expert-adapter DIR] [--target-adapter DIR]
+        [--adapter-mode auto|unmerged|merged]
 
 Each DIR is a local folder or a Hugging Face Hub id (``org/name``) resolved through the HF cache (a local folder
 wins; ``HF_HUB_OFFLINE=1`` reads the cache only). With only ``--target`` it is plain decoding of that model.
@@ -14,6 +15,12 @@ always ``--target`` and the other roles have their own flags (:func:`role_flag`)
     --rule eft                       --target BASE (--expert E --anti-expert A)... --param weights=1,0.5
     --rule contrastive               --target EXPERT --amateur SMALL
     --rule small_large_{direct,temperature,low_confidence,kl}   --target LARGE --small SMALL
+
+LoRA: each model flag has an ``-adapter`` twin taking a PEFT LoRA folder (``--expert BASE_SMALL --expert-adapter
+DIR``: the usual LoRA-tuned expert). Each base folder is loaded once; an adapter on a base another role also uses
+(the expert next to its anti-expert) is applied unmerged, so both share one copy of the base's weights; an adapter
+on a base used once is merged into it (a plain model, grouped with same-shaped models). ``--adapter-mode`` forces
+either.
 
 Hyperparameters: ``--alpha A`` (the α of proxy_tuning / dexperts) or ``--param NAME=VALUE`` for any rule's
 own (``lam``, ``temperature``, ``theta``, ``plausibility``, ``weights`` as a comma list, ...).
@@ -65,6 +72,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="strength α of the expert/anti-expert offset (default: the rule's, 1.0 for proxy_tuning)")
     parser.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
                         help="a hyperparameter of the rule, e.g. lam=0.5 or weights=1,0.5 (repeatable)")
+    parser.add_argument("--target-adapter", dest="target_adapter", metavar="DIR",
+                        help="a PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors) applied "
+                             "to --target")
+    parser.add_argument("--expert-adapter", dest="expert_adapter", action="append", default=[], metavar="DIR",
+                        help="a PEFT LoRA adapter applied to --expert (the usual LoRA-tuned expert: --expert BASE "
+                             "--expert-adapter DIR); repeat once per --expert")
+    parser.add_argument("--anti-expert-adapter", dest="anti_expert_adapter", action="append", default=[],
+                        metavar="DIR", help="a PEFT LoRA adapter applied to --anti-expert; repeat once per --anti-expert")
+    parser.add_argument("--small-adapter", dest="small_adapter", metavar="DIR", help="a LoRA adapter for --small")
+    parser.add_argument("--amateur-adapter", dest="amateur_adapter", metavar="DIR",
+                        help="a LoRA adapter for --amateur")
+    parser.add_argument("--adapter-mode", dest="adapter_mode", choices=("auto", "unmerged", "merged"),
+                        default="auto",
+                        help="how adapters are applied: unmerged (W x + s·B A x each step; the base arrays are shared "
+                             "with every other role on the same base folder, e.g. the anti-expert: one copy in "
+                             "memory), merged (W + s·BA once: a plain model), or auto (default): unmerged when "
+                             "another role uses the same base folder, merged when the base is used only once")
     parser.add_argument("--expert-chat-template", action="store_true",
                         help="wrap the expert's prompt in its tokenizer's chat template (as in the paper)")
     src = parser.add_mutually_exclusive_group(required=True)
@@ -173,6 +197,57 @@ def parse_rule_params(args, rule_name: str) -> dict | None:
     return params or None
 
 
+ADAPTER_FLAGS = {"--target": "target_adapter", "--expert": "expert_adapter", "--anti-expert": "anti_expert_adapter",
+                 "--small": "small_adapter", "--amateur": "amateur_adapter"}
+
+
+def adapter_dirs(args, flags: list[tuple[str, str]]) -> list[Path | None]:
+    """The PEFT adapter folder of each model of ``flags`` (or None), read and checked before any loading."""
+    from proxytune_jax.models.peft_io import read_adapter_config
+    given = {}
+    for flag, attr in ADAPTER_FLAGS.items():
+        value = getattr(args, attr, None)
+        value = [] if value is None else ([value] if isinstance(value, str) else list(value))
+        n = sum(f == flag for f, _ in flags)
+        if value and len(value) != n:
+            raise UserError(f"{flag}-adapter was given {len(value)} time(s) for {n} {flag} model(s); give one adapter "
+                            f"per {flag} (or none)")
+        given[flag] = iter(value)
+    out = []
+    for flag, _ in flags:
+        value = next(given[flag], None)
+        if value is None:
+            out.append(None)
+            continue
+        path = Path(value)
+        if not path.is_dir():
+            raise UserError(f"{flag}-adapter {value} is not a folder; pass a PEFT LoRA adapter folder "
+                            "(adapter_config.json + adapter_model.safetensors)")
+        read_adapter_config(path)  # a LoRA adapter in the PEFT format, else a message naming the fix
+        out.append(path)
+    return out
+
+
+def load_models(dirs: list[Path], adapters: list[Path | None], mode: str = "auto") -> list:
+    """One model per role: each base folder loaded once (roles on the same folder share its arrays), adapters
+    applied unmerged or merged (see ``--adapter-mode``; ``auto``: unmerged when another role shares the base)."""
+    from proxytune_jax.models.hf_io import load_pretrained
+    from proxytune_jax.models.peft_io import attach_adapter
+    loaded: dict[Path, object] = {}
+    for d in dirs:
+        if d not in loaded:
+            loaded[d] = load_pretrained(d)
+    models = []
+    for d, adapter in zip(dirs, adapters):
+        if adapter is None:
+            models.append(loaded[d])
+            continue
+        shared = sum(x == d for x in dirs) > 1
+        merged = mode == "merged" or (mode == "auto" and not shared)
+        models.append(attach_adapter(loaded[d], adapter, merged=merged))
+    return models
+
+
 def read_prompts(args) -> list[str]:
     if args.prompt is not None:
         if not args.prompt:
@@ -222,6 +297,7 @@ def run(args) -> int:
     flags = model_flags(args, rule)
     fusion_params = parse_rule_params(args, rule)
     dirs = [check_model_dir(f, v) for f, v in flags]
+    adapters = adapter_dirs(args, flags)
     tokenizers = [load_tokenizer(f, d) for (f, _), d in zip(flags, dirs)]
 
     # Cheap checks on configs before loading weights: tokenizers agree, prompts fit the contexts.
@@ -237,7 +313,6 @@ def run(args) -> int:
     from tqdm import tqdm
 
     from proxytune_jax.decoding.pipeline import TextGenerator, encode_for_models
-    from proxytune_jax.models.hf_io import load_pretrained
 
     from proxytune_jax.models.hf_io import generation_eos_ids
     for d in dirs:
@@ -248,7 +323,7 @@ def run(args) -> int:
                                 contexts=[int(c.max_position_embeddings) for c in configs], names=names,
                                 max_new_tokens=args.max_new_tokens)
 
-    models = [load_pretrained(d) for d in dirs]
+    models = load_models(dirs, adapters, args.adapter_mode)
     gen = TextGenerator(models, tokenizers, rule, chat_template=chat, names=names)  # every model's EOS ids
     n_batches = math.ceil(len(prompts) / args.batch_size)
     with tqdm(total=n_batches, desc="generate", unit="batch") as bar:

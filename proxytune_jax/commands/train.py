@@ -2,7 +2,9 @@
 
 The config file defines ``config = TrainConfig(...)`` (``proxytune_jax.training.config``); see
 ``experiments/configs/`` for examples. Rerunning the same command resumes from the last complete checkpoint.
-Outputs in DIR: config.json, metrics.jsonl, checkpoints/, final/ (a Hugging Face folder).
+Outputs in DIR: config.json, metrics.jsonl, checkpoints/, final/ (a Hugging Face folder; with
+``--set model.lora.r=8`` (or ``model=ModelConfig(..., lora=LoraConfig(...))``) only a LoRA adapter is trained
+and final/ is a PEFT adapter folder).
 Multi-host: pass --coordinator HOST:PORT --num-processes N --process-id I on every host (or nothing on a TPU
 pod / SLURM cluster where JAX detects them) and the same config and workdir.
 On a multi-core CPU, ``--cpu-devices N`` splits the cores into N JAX devices and each batch over them (data
@@ -91,6 +93,10 @@ def run(args) -> int:
         print("  eval: " + ", ".join(f"{k}={v:.6g}" for k, v in result.eval_metrics.items()))
     if result.gen_eval_metrics:
         print("  gen eval: " + ", ".join(f"{k}={v:.6g}" for k, v in result.gen_eval_metrics.items()))
-    if result.export_dir is not None:
+    if result.export_dir is not None and config.model.lora is not None:
+        print(f"  exported the LoRA adapter as a PEFT folder: {result.export_dir} (base: {config.model.student}; "
+              f"use it with `proxytune generate --expert {config.model.student} --expert-adapter "
+              f"{result.export_dir}`)")
+    elif result.export_dir is not None:
         print(f"  exported Hugging Face folder: {result.export_dir}")
     return 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from proxytune_jax.errors import UserError
 from proxytune_jax.models import gpt2, llama
@@ -62,9 +63,13 @@ def abstract_model(config: Config, dtype=jnp.float32) -> Model:
     return nnx.eval_shape(lambda: model_class(config)(config, rngs=None, dtype=dtype))
 
 
+# LoRA factors (models.lora) are small: replicated, whatever the kernel they adapt.
+LORA_RULES = ((r"/lora_(A|B)$", P()),)
+
+
 def partition_rules(config: Config):
     """``(regex, PartitionSpec)`` rules over '/'-joined param paths, see ``proxytune_jax.sharding``."""
-    return family_of(config.model_type)[0].partition_rules(config)
+    return LORA_RULES + tuple(family_of(config.model_type)[0].partition_rules(config))
 
 
 __all__ = [

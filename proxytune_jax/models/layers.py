@@ -16,6 +16,7 @@ from flax import nnx
 
 from proxytune_jax.errors import UserError
 from proxytune_jax.models.cache import KVCache, positions_from_mask
+from proxytune_jax.models.lora import LoraWeight, lora_dense
 
 def split_key(key: jax.Array | None, num: int) -> list[jax.Array | None]:
     """``num`` independent keys (or ``None``s when building shapes only)."""
@@ -83,7 +84,8 @@ dense.defvjp(_dense_fwd, _dense_bwd)
 
 
 class Linear(nnx.Module):
-    """``y = x @ weight.T (+ bias)`` with ``weight [out, in]`` (as PyTorch / Hugging Face store it)."""
+    """``y = x @ weight.T (+ bias)`` with ``weight [out, in]`` (as PyTorch / Hugging Face store it). ``weight``
+    may hold a ``models.lora.LoraWeight`` (an unmerged LoRA adapter): then ``+ scale · x Aᵀ Bᵀ``."""
 
     def __init__(self, in_features: int, out_features: int, *, use_bias: bool, dtype, key, std: float = 0.02):
         # drawn [in, out] and stored transposed: a seed gives the same layer as a flax [in, out] kernel would
@@ -91,7 +93,11 @@ class Linear(nnx.Module):
         self.bias = nnx.Param(jnp.zeros((out_features,), dtype)) if use_bias else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = dense(x, self.weight[...])
+        w = self.weight.get_value()
+        if isinstance(w, LoraWeight):  # an unmerged LoRA adapter (models.lora.apply)
+            y = lora_dense(x, w, dense)
+        else:
+            y = dense(x, w)
         if self.bias is not None:
             y = y + self.bias[...]
         return y

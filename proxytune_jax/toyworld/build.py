@@ -125,6 +125,19 @@ def tokenizer_texts(world: World) -> list[str]:
     return list(world.corpus) + [f"{q.question} {q.answer}" for q in world.tune + world.heldout]
 
 
+def instruction_data(config: ToyWorldConfig, world: World, tok, corpus: dict | None = None) -> dict:
+    """The instruction-tuning arrays of both tuned models: the tuning examples plus ``replay_ratio`` × as many
+    raw documents (drawn with ``config.seed``). Also what a LoRA expert is tuned on
+    (``experiments/toyworld_lora_expert.py``)."""
+    corpus = encode_corpus(tok, world.corpus) if corpus is None else corpus
+    sft = encode_instructions(tok, world.tune)
+    n_replay = int(round(config.replay_ratio * len(world.tune)))
+    if n_replay:
+        pick = np.random.default_rng(config.seed).choice(len(world.corpus), size=n_replay, replace=False)
+        sft = concat(sft, {k: v[pick] for k, v in corpus.items()})
+    return sft
+
+
 def build_toyworld(config: ToyWorldConfig = ToyWorldConfig(), cache_dir: str | os.PathLike | None = None, *,
                    progress: bool = True, log=print) -> ToyWorld:
     """Train (first run) or load (later runs) the toy world for ``config``."""
@@ -150,11 +163,7 @@ def build_toyworld(config: ToyWorldConfig = ToyWorldConfig(), cache_dir: str | o
     tok = train_tokenizer(tokenizer_texts(world), vocab_size=config.vocab_size)
     tok.save_pretrained(root / "tokenizer")
     corpus = encode_corpus(tok, world.corpus)
-    sft = encode_instructions(tok, world.tune)
-    n_replay = int(round(config.replay_ratio * len(world.tune)))
-    if n_replay:
-        pick = np.random.default_rng(config.seed).choice(len(world.corpus), size=n_replay, replace=False)
-        sft = concat(sft, {k: v[pick] for k, v in corpus.items()})
+    sft = instruction_data(config, world, tok, corpus)
     if max(corpus["input_ids"].shape[1], sft["input_ids"].shape[1]) > config.max_length:
         raise UserError("toy world sequences exceed max_length; raise ToyWorldConfig.max_length")
     timings["data_s"] = time.perf_counter() - t0

@@ -1,7 +1,7 @@
 """``TrainConfig``: a small tree of typed dataclasses describing a training run, validated on load.
 
     TrainConfig
-      model      ModelConfig       student folder, tokenizer, param dtype
+      model      ModelConfig       student folder, tokenizer, param dtype, LoRA (``lora``: None = full)
       data       DataConfig        train/eval JSONL files, row length, batch size, packing
       objective  an Objective      the strategy and its hyperparameters (``training.objectives``)
       optim      OptimConfig       AdamW + warmup-cosine (``total_steps`` 0: the run's ``steps``)
@@ -25,11 +25,13 @@ import dataclasses
 import importlib.util
 import json
 import sys
+import types
 import typing
 from pathlib import Path
 from typing import Any, Sequence
 
 from proxytune_jax.errors import UserError
+from proxytune_jax.models.lora import LoraConfig
 from proxytune_jax.sharding import MeshConfig
 from proxytune_jax.training.objectives import SFT, Objective, get_objective
 from proxytune_jax.training.optim import OptimConfig
@@ -40,6 +42,9 @@ class ModelConfig:
     student: str = ""  # Hugging Face folder with the initial weights of the trained model
     tokenizer: str = ""  # folder for AutoTokenizer (default: the student's folder)
     param_dtype: str = "float32"  # "float32" or "bfloat16" (params and optimizer moments)
+    # LoRA: train only an adapter (r, alpha, dropout, target_modules; models.lora) and export it in the PEFT
+    # format; None trains every parameter. ``--set model.lora.r=8`` turns it on with the other defaults.
+    lora: LoraConfig | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -219,8 +224,20 @@ def _build(cls, raw, where: str):
     return cls(**{k: _from_json(hints[k], v, f"{where}.{k}" if where else k) for k, v in raw.items()})
 
 
+def _optional_dataclass(tp):
+    """``X`` for a field typed ``X | None`` with ``X`` a dataclass, else None."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1 and isinstance(args[0], type) and dataclasses.is_dataclass(args[0]):
+            return args[0]
+    return None
+
+
 def _from_json(tp, value, where: str):
     origin = typing.get_origin(tp)
+    inner = _optional_dataclass(tp)
+    if inner is not None:
+        return None if value is None else _build(inner, value, where)
     if isinstance(tp, type) and dataclasses.is_dataclass(tp) or tp is Objective:
         return _build(tp, value, where)
     if origin is tuple and isinstance(value, (list, tuple)):
@@ -246,6 +263,11 @@ def _type_name(tp) -> str:
 
 def _check_value(tp, value, where: str) -> None:
     origin = typing.get_origin(tp)
+    inner = _optional_dataclass(tp)
+    if inner is not None:
+        if value is not None:
+            _check_value(inner, value, where)
+        return
     if tp is Objective:
         if not isinstance(value, Objective):
             raise UserError(f"config {where}: expected an objective (e.g. training.objectives.SFT()), got {value!r}")
@@ -338,6 +360,11 @@ def _set_path(node, path: list[str], raw: str, where: str):
                         f"{', '.join(sorted(fields))}")
     tp = _hints(type(node))[key]
     current = getattr(node, key)
+    inner = _optional_dataclass(tp)
+    if inner is not None and rest and current is None:
+        current = inner()  # --set model.lora.r=8 turns LoRA on with the other fields' defaults
+    if inner is not None and not rest and raw.strip().lower() in ("null", "none"):
+        return dataclasses.replace(node, **{key: None})
     if rest:
         return dataclasses.replace(node, **{key: _set_path(current, rest, raw, where)})
     return dataclasses.replace(node, **{key: _parse(tp, raw, where)})

@@ -11,7 +11,9 @@ Workdir layout:
                       W&B run); ``run_info.json``: config, git commit, package versions, devices;
   ``profile/``        a ``jax.profiler`` trace of the steps of ``report.profile`` (``training.profiling``);
   ``checkpoints/``    orbax steps (``proxytune_jax.checkpoint``), every ``save_every`` steps and at the end;
-  ``final/``          the trained params as a Hugging Face folder (+ tokenizer), when ``export``.
+  ``final/``          the trained params as a Hugging Face folder (+ tokenizer), when ``export``; with
+                      ``model.lora`` the adapter as a PEFT folder (``adapter_config.json`` +
+                      ``adapter_model.safetensors`` + tokenizer; ``training.lora``).
 
 Several optimizer steps per jitted call (``steps_per_call``, ``training.step.make_multi_step``): calls are cut
 at every checkpoint, evaluation and the last step (``trainer.call_length``), so those see the state of their own
@@ -205,6 +207,17 @@ def train(config: TrainConfig, workdir: str | Path, *, mesh=None, progress: bool
                 if config.gen_eval.every else None)
 
     frozen, frozen_graphdefs = {}, {}
+    lora_cfg = config.model.lora
+    if lora_cfg is not None:  # train an adapter; the base params become a frozen input (training.lora)
+        from proxytune_jax.models import lora
+        from proxytune_jax.training.lora import BASE_ROLE
+        base = params
+        params = lora.init_lora(base, lora_cfg, jax.random.PRNGKey(config.seed))
+        frozen[BASE_ROLE] = put_global(base, tree_shardings(base, rules, mesh))
+        if primary:
+            print(f"[train] LoRA r={lora_cfg.r} alpha={lora_cfg.alpha}: {lora.num_params(params):,} trainable "
+                  f"params in {len(lora.adapter_leaves(params))} modules ({lora.num_params(base):,} frozen)")
+        del base
     for role, path in frozen_dirs.items():
         model = _load_model(path, jnp.float32, role)
         fg, fp = split_params(model)
@@ -250,6 +263,9 @@ def train(config: TrainConfig, workdir: str | Path, *, mesh=None, progress: bool
 
     loss_fn = objective.loss_fn(graphdef, frozen_graphdefs)
     generate = objective.make_generate(graphdef, frozen_graphdefs)
+    if lora_cfg is not None:
+        from proxytune_jax.training.lora import wrap_generate, wrap_loss_fn
+        loss_fn, generate = wrap_loss_fn(loss_fn, lora_cfg), wrap_generate(generate, lora_cfg)
     train_step = make_train_step(loss_fn, optimizer, mesh, state_shardings=shardings, frozen=frozen,
                                  grad_accum_steps=config.grad_accum_steps, learning_rate_fn=schedule,
                                  update_extras=objective.update_state, generate=generate)
@@ -357,7 +373,10 @@ def _run(*, config, workdir, primary, metrics_file, tokenizer, mesh, train_data,
         ckpt.close()
 
     export_dir = None
-    if config.export:
+    if config.export and lora_cfg is not None:
+        export_dir = export_adapter(state.params, lora_cfg, frozen[BASE_ROLE], student_config, workdir / "final",
+                                    base_model=config.model.student, tokenizer=tokenizer)
+    elif config.export:
         export_dir = export_params(graphdef, state.params, workdir / "final", tokenizer=tokenizer)
     return TrainResult(final_step=config.steps, resumed_from=resumed_from, workdir=workdir, export_dir=export_dir,
                        last_metrics=log["last"], eval_metrics=log["eval"], state=state if return_state else None,
@@ -377,6 +396,23 @@ def export_params(graphdef, params, path: Path, *, tokenizer=None) -> Path | Non
     host = jax.tree.map(to_host, params)
     model = nnx.merge(graphdef, host)
     save_pretrained(model, path)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(path)
+    return path
+
+
+def export_adapter(adapter, cfg, base_params, model_config, path: Path, *, base_model: str = "",
+                   tokenizer=None) -> Path | None:
+    """Write a trained LoRA adapter as a PEFT folder (``adapter_config.json`` + ``adapter_model.safetensors``,
+    ``models.peft_io``) on process 0, with the tokenizer; ``base_model`` goes to ``base_model_name_or_path``."""
+    from proxytune_jax.models.peft_io import save_adapter
+    if jax.process_count() > 1:
+        mesh = jax.tree.leaves(adapter)[0].sharding.mesh
+        adapter = jax.jit(lambda p: p, out_shardings=replicated(mesh))(adapter)
+    if jax.process_index() != 0:
+        return None
+    shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), base_params)
+    save_adapter(path, jax.tree.map(to_host, adapter), cfg, shapes, model_config, base_model_name_or_path=base_model)
     if tokenizer is not None:
         tokenizer.save_pretrained(path)
     return path

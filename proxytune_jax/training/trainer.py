@@ -26,6 +26,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from proxytune_jax.errors import UserError
+from proxytune_jax.models.lora import LoraConfig
 from proxytune_jax.sharding import MeshConfig, make_mesh
 from proxytune_jax.training.objectives import Objective
 from proxytune_jax.training.optim import OptimConfig, learning_rate_schedule, make_optimizer
@@ -94,6 +95,7 @@ class FitResult:
     models: list[nnx.Module]
     metrics: dict[str, np.ndarray]
     seeds: tuple[int, ...]
+    adapters: list | None = None  # with ``fit(lora=...)``: the trained LoRA adapter of each seed
 
     @property
     def model(self) -> nnx.Module:
@@ -128,13 +130,17 @@ _STEP_CACHE: dict = {}
 def fit(model: nnx.Module, data: dict[str, np.ndarray], objective: Objective, *, steps: int, batch_size: int,
         optim: OptimConfig, seeds: Sequence[int] = (0,), frozen_models: dict[str, nnx.Module] | None = None,
         steps_per_call: int = 8, mesh=None, progress: bool = True, desc: str = "train",
-        reuse_compiled: bool = True) -> FitResult:
+        reuse_compiled: bool = True, lora: LoraConfig | None = None) -> FitResult:
     """Train ``model`` on in-memory ``data`` with ``objective`` for ``steps`` steps of ``batch_size`` rows, once
     per seed of ``seeds``, all seeds together (see the module docstring). ``frozen_models`` are the models of
     ``objective.frozen_models()`` by role, already loaded. Seed ``s`` draws its batches with
     ``batch_orders(rows, steps, batch_size, s)`` and starts its PRNG key from ``s``; ``optim.total_steps`` 0
     means ``steps``. Runs that differ only in their seeds and data values reuse compiled steps
-    (``reuse_compiled``)."""
+    (``reuse_compiled``).
+
+    With ``lora`` (a ``models.lora.LoraConfig``) only a LoRA adapter is trained (``training.lora``; seed ``s``
+    draws its ``lora_A`` from ``s``): ``FitResult.adapters`` holds one adapter per seed and ``models`` the
+    base with each adapter applied, unmerged (sharing the base's arrays)."""
     from tqdm.auto import tqdm
 
     objective = objective.bind_run(steps)
@@ -156,24 +162,33 @@ def fit(model: nnx.Module, data: dict[str, np.ndarray], objective: Objective, *,
     frozen_graphdefs, frozen = {}, {}
     for role in objective.frozen_models():
         frozen_graphdefs[role], frozen[role] = split_params(frozen_models[role])
+    base = None
+    if lora is not None:
+        from proxytune_jax.models import lora as lora_lib
+        from proxytune_jax.training.lora import BASE_ROLE
+        base, frozen[BASE_ROLE] = params, params
     rep = NamedSharding(mesh, P())
     n_rows = len(data["input_ids"])
     idx = np.stack([batch_orders(n_rows, steps, batch_size, s) for s in seeds], axis=1)  # [steps, S, B]
     with jax.set_mesh(mesh):
         # Copies: the step donates the state, which must never alias the caller's model.
-        states = [create_train_state(jax.tree.map(jnp.array, params), optimizer, seed=s,
-                                     extras=objective.init_state()) for s in seeds]
+        init = ((lambda s: jax.tree.map(jnp.array, params)) if lora is None
+                else (lambda s: lora_lib.init_lora(base, lora, jax.random.PRNGKey(s))))
+        states = [create_train_state(init(s), optimizer, seed=s, extras=objective.init_state()) for s in seeds]
         state = jax.device_put(jax.tree.map(lambda *xs: jnp.stack(xs), *states), rep)
         frozen = jax.device_put(frozen, rep)
         shardings = jax.tree.map(lambda _: rep, states[0])
-        key = (repr(objective), graphdef, tuple(frozen_graphdefs.items()), optim, len(seeds), id(mesh))
+        key = (repr(objective), graphdef, tuple(frozen_graphdefs.items()), optim, len(seeds), id(mesh), lora)
         cached = _STEP_CACHE.get(key) if reuse_compiled else None
         if cached is None:
             loss_fn = objective.loss_fn(graphdef, frozen_graphdefs)
+            generate = objective.make_generate(graphdef, frozen_graphdefs)
+            if lora is not None:
+                from proxytune_jax.training.lora import wrap_generate, wrap_loss_fn
+                loss_fn, generate = wrap_loss_fn(loss_fn, lora), wrap_generate(generate, lora)
             step = make_train_step(loss_fn, optimizer, mesh, state_shardings=shardings, frozen=frozen,
                                    learning_rate_fn=learning_rate_schedule(optim),
-                                   update_extras=objective.update_state,
-                                   generate=objective.make_generate(graphdef, frozen_graphdefs))
+                                   update_extras=objective.update_state, generate=generate)
             cached = _seed_parallel(step, mesh, len(seeds))
             if reuse_compiled:
                 _STEP_CACHE[key] = cached
@@ -196,8 +211,11 @@ def fit(model: nnx.Module, data: dict[str, np.ndarray], objective: Objective, *,
         for k, v in m.items():
             metrics.setdefault(k, []).append(np.reshape(np.asarray(v), (n, len(seeds))))
     stacked = {k: np.concatenate(v).T for k, v in metrics.items()}  # [S, steps]
-    models = [nnx.merge(graphdef, jax.tree.map(lambda x: x[i], params)) for i in range(len(seeds))]
-    return FitResult(models, stacked, seeds)
+    per_seed = [jax.tree.map(lambda x: x[i], params) for i in range(len(seeds))]
+    if lora is None:
+        return FitResult([nnx.merge(graphdef, p) for p in per_seed], stacked, seeds)
+    models = [nnx.merge(graphdef, lora_lib.apply(base, ad, lora)) for ad in per_seed]
+    return FitResult(models, stacked, seeds, adapters=per_seed)
 
 
 class TrainStepLike:
