@@ -282,7 +282,8 @@ def train(config: TrainConfig, workdir: str | Path, *, mesh=None, progress: bool
                     start=start, resumed_from=resumed_from, ckpt=ckpt, train_step=train_step,
                     multi_step=multi_step, eval_step=eval_step, gen_eval=gen_eval, reporter=reporter,
                     profiler=profiler, on_step=on_step, progress=progress, primary=primary,
-                    return_state=return_state)
+                    return_state=return_state, lora_cfg=lora_cfg, student_config=student_config,
+                    lora_base=frozen.get(BASE_ROLE) if lora_cfg is not None else None)
     finally:
         profiler.stop()
         reporter.close()
@@ -290,8 +291,9 @@ def train(config: TrainConfig, workdir: str | Path, *, mesh=None, progress: bool
 
 def _run(*, config, workdir, primary, metrics_file, tokenizer, mesh, train_data, eval_src, train_src, graphdef,
          state, start, resumed_from, ckpt, train_step, multi_step, eval_step, gen_eval, reporter, profiler, on_step,
-         progress, return_state):
-    """The steps, evaluations and export of ``train`` (its locals, once the state is ready)."""
+         progress, return_state, lora_cfg, student_config, lora_base):
+    """The steps, evaluations and export of ``train`` (its locals, once the state is ready). With LoRA,
+    ``state.params`` is the adapter and ``lora_base`` the frozen base params."""
     def meta_for(step: int) -> dict:
         return {"step": step, "data_position": train_data.position(step).to_dict(),
                 "num_examples": len(train_data.examples), "config": config.to_dict()}
@@ -303,7 +305,11 @@ def _run(*, config, workdir, primary, metrics_file, tokenizer, mesh, train_data,
         return out
 
     def run_gen_eval(state, step: int) -> dict:
-        out = gen_eval(graphdef, state.params, step)
+        if lora_cfg is not None:
+            from proxytune_jax.models import lora
+            out = gen_eval(graphdef, lora.merge(lora_base, state.params, lora_cfg), step)
+        else:
+            out = gen_eval(graphdef, state.params, step)
         reporter.log(step, out)
         return out
 
@@ -374,7 +380,7 @@ def _run(*, config, workdir, primary, metrics_file, tokenizer, mesh, train_data,
 
     export_dir = None
     if config.export and lora_cfg is not None:
-        export_dir = export_adapter(state.params, lora_cfg, frozen[BASE_ROLE], student_config, workdir / "final",
+        export_dir = export_adapter(state.params, lora_cfg, lora_base, student_config, workdir / "final",
                                     base_model=config.model.student, tokenizer=tokenizer)
     elif config.export:
         export_dir = export_params(graphdef, state.params, workdir / "final", tokenizer=tokenizer)
