@@ -122,7 +122,7 @@ def export_cli(seed: int, smoke: bool, cache_dir, folder: Path, lc: LoraExpertCo
     TrainConfig for ``proxytune train``)."""
     import numpy as np
     from proxytune_jax.commands.demo import configs
-    from proxytune_jax.jsonl import write_text_atomic
+    from proxytune_jax.atomic import write_text_atomic
     from proxytune_jax.toyworld.build import build_toyworld
 
     tw = build_toyworld(configs(smoke, seed).toyworld, cache_dir)
@@ -195,7 +195,7 @@ def main(argv=None) -> dict:
     print("LoRA expert − full expert (proxy-tuned-large): " + ", ".join(f"{d:+.3f}" for d in diffs))
     results = {"config": dataclasses.asdict(lc), "per_seed": per_seed,
                "mean_std": {k: mean_std(k) for k in ROWS}, "lora_minus_full": diffs}
-    from proxytune_jax.jsonl import write_json_atomic
+    from proxytune_jax.atomic import write_json_atomic
     (args.out / "results").mkdir(exist_ok=True)
     write_json_atomic(args.out / "results" / "toyworld_lora_expert.json", results)
     return results
