@@ -157,3 +157,27 @@ def test_bad_specs(schedule, gate, match):
 def test_rule_without_alpha_refuses_a_schedule():
     with pytest.raises(UserError, match="needs a rule with an alpha"):
         fusion.resolve_params("contrastive", alpha_control.control_params("linear:4"))
+
+
+def test_generate_cli_alpha_schedule_and_gate(tiny_checkpoint, tmp_path, capsys):
+    """``proxytune generate --alpha-schedule step:0:0`` is the base's own greedy decoding (α_t = 0 from the
+    first token) and differs from constant α; a bad spec is a clear error and no output file."""
+    import json
+    from proxytune_jax import cli
+    t, e, a = (tiny_checkpoint("llama", seed=s) for s in (30, 31, 32))
+    common = ["--target", t, "--expert", e, "--anti-expert", a, "--prompt", "the quick brown", "--max-new-tokens",
+              6, "--alpha", 3.0]
+    outs = {}
+    # all three carry a schedule, so they share one compiled program
+    for name, extra in (("zero", ["--alpha-schedule", "step:0:0"]),
+                        ("base", ["--alpha-schedule", "constant", "--alpha", 0.0]),
+                        ("open_gate", ["--alpha-gate", "entropy:0"])):  # entropy ≥ 0 always: constant α
+        out = tmp_path / f"{name}.jsonl"
+        assert cli.main(["generate", *map(str, common + extra + ["--output", out])]) == 0
+        outs[name] = json.loads(out.read_text())["token_ids"]
+    assert outs["zero"] == outs["base"]
+    assert outs["open_gate"] != outs["base"]
+    capsys.readouterr()
+    bad = tmp_path / "bad.jsonl"
+    assert cli.main(["generate", *map(str, common + ["--alpha-gate", "entropy", "--output", bad])]) != 0
+    assert "give a threshold" in capsys.readouterr().err and not bad.exists()

@@ -4,7 +4,7 @@
         [--expert-chat-template] (--prompt TEXT | --prompts FILE.jsonl) --max-new-tokens N [--temperature 0]
         [--top-p 1.0] [--top-k 0] [--seed 0] [--batch-size 8] [--stop STR ...] [--analysis] --output OUT.jsonl
         [--topk-cache DIR [--topk 5]] [--expert-adapter DIR] [--anti-expert-adapter DIR] [--target-adapter DIR]
-        [--adapter-mode auto|unmerged|merged]
+        [--adapter-mode auto|unmerged|merged] [--alpha-schedule SPEC] [--alpha-gate SPEC]
 
 Each DIR is a local folder or a Hugging Face Hub id (``org/name``) resolved through the HF cache (a local folder
 wins; ``HF_HUB_OFFLINE=1`` reads the cache only). With only ``--target`` it is plain decoding of that model.
@@ -23,7 +23,9 @@ on a base used once is merged into it (a plain model, grouped with same-shaped m
 either.
 
 Hyperparameters: ``--alpha A`` (the α of proxy_tuning / dexperts) or ``--param NAME=VALUE`` for any rule's
-own (``lam``, ``temperature``, ``theta``, ``plausibility``, ``weights`` as a comma list, ...).
+own (``lam``, ``temperature``, ``theta``, ``plausibility``, ``weights`` as a comma list, ...). Per-token α
+(:mod:`proxytune_jax.decoding.alpha_control`): ``--alpha-schedule constant|linear:END|step:K:ALPHA2`` and
+``--alpha-gate entropy:THRESH|disagreement:THRESH`` (nats; α only where the small pair is uncertain).
 
 Every user mistake is found before anything is written (and before the models are loaded where possible);
 the output is written to a temporary file in the output folder and renamed at the end, so a failed run never
@@ -70,6 +72,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "plain with --target alone)")
     parser.add_argument("--alpha", type=float, default=None,
                         help="strength α of the expert/anti-expert offset (default: the rule's, 1.0 for proxy_tuning)")
+    parser.add_argument("--alpha-schedule", dest="alpha_schedule", default=None, metavar="SPEC",
+                        help="per-token α over generated tokens: constant, linear:END (α·max(0, 1 − t/END)) or "
+                             "step:K:ALPHA2 (α for the first K tokens, then ALPHA2); rules with an α only")
+    parser.add_argument("--alpha-gate", dest="alpha_gate", default=None, metavar="SPEC",
+                        help="apply α only where the small pair is uncertain: entropy:THRESH (the expert's entropy "
+                             "≥ THRESH nats) or disagreement:THRESH (KL(expert ‖ anti-expert) ≥ THRESH nats); "
+                             "elsewhere the base decides alone")
     parser.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
                         help="a hyperparameter of the rule, e.g. lam=0.5 or weights=1,0.5 (repeatable)")
     parser.add_argument("--target-adapter", dest="target_adapter", metavar="DIR",
@@ -175,7 +184,7 @@ def model_flags(args, rule_name: str) -> list[tuple[str, str]]:
 
 def parse_rule_params(args, rule_name: str) -> dict | None:
     """``--alpha`` and ``--param NAME=VALUE`` as the rule's hyperparameters (checked against the rule)."""
-    from proxytune_jax.decoding.fusion import resolve_params
+    from proxytune_jax.decoding.fusion import get_rule, resolve_params
     params: dict = {}
     if args.alpha is not None:
         params["alpha"] = args.alpha
@@ -188,6 +197,12 @@ def parse_rule_params(args, rule_name: str) -> dict | None:
         except ValueError:
             raise UserError(f"--param {item!r}: {value!r} is not a number (or a comma list of numbers)") from None
         params[name.strip()] = parts if (len(parts) > 1 or name.strip() == "weights") else parts[0]
+    from proxytune_jax.decoding.alpha_control import control_params
+    control = control_params(getattr(args, "alpha_schedule", None), getattr(args, "alpha_gate", None))
+    if control and "alpha" not in get_rule(rule_name).defaults:
+        raise UserError(f"--alpha-schedule/--alpha-gate act on α; --rule {rule_name} has none (use proxy_tuning "
+                        "or dexperts)")
+    params.update(control)
     if rule_name == "plain" and params:
         raise UserError("--rule plain has no hyperparameters; drop --alpha/--param")
     if rule_name == "eft" and len(params.get("weights", [])) != len(args.expert):

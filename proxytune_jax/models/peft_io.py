@@ -22,7 +22,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from proxytune_jax.errors import UserError
-from proxytune_jax.jsonl import write_json_atomic
+from proxytune_jax.atomic import write_json_atomic
 from proxytune_jax.models import family_of, lora
 from proxytune_jax.models.lora import LORA_A, LORA_B, LoraConfig
 
