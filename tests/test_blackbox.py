@@ -207,3 +207,31 @@ def test_wrong_length_from_a_base_names_the_step(trio):
             return type(top)(top.ids[:, :-1], top.logp[:, :-1])
     with pytest.raises(UserError, match=r"step 0: the base returned top-k lists of shape \(1, 2\)"):
         bb(trio, Bad(m, tok, k=3), "uniform").generate(["hi"], max_new_tokens=2, batch_size=1)
+
+
+def test_generate_cli_api_record_replay(trio, tiny_checkpoint, server, tmp_path, capsys):
+    """``proxytune generate --base-api`` (loopback server) == the engine with the local top-k; ``--base-record``
+    then ``--base-replay`` gives the same file with no server; a replay missing a prefix fails naming it."""
+    from proxytune_jax import cli
+    (m, _, _), tok = trio
+    pair = ["--expert", tiny_checkpoint("llama", seed=41), "--anti-expert", tiny_checkpoint("llama", seed=42)]
+    srv = server()
+    common = [*pair, "--prompt", PROMPTS[0], "--max-new-tokens", N_NEW, "--base-topk", 5, "--base-tail", "drop"]
+    out, rec = tmp_path / "api.jsonl", tmp_path / "rec.jsonl"
+    assert cli.main(["generate", *map(str, common + ["--base-api", srv.url, "--base-model", "tiny",
+                                                     "--base-record", rec, "--output", out])]) == 0
+    ref = bb(trio, LocalTopKBase(m, tok, k=5, from_text=True), "drop").generate(PROMPTS[:1], max_new_tokens=N_NEW)
+    assert json.loads(out.read_text())["token_ids"] == ref[0].token_ids
+    srv.close()
+    out2 = tmp_path / "replay.jsonl"
+    assert cli.main(["generate", *map(str, common + ["--base-replay", rec, "--output", out2])]) == 0
+    assert out2.read_text() == out.read_text()
+    capsys.readouterr()
+    bad = tmp_path / "bad.jsonl"
+    code = cli.main(["generate", *map(str, [*pair, "--prompt", "unseen", "--max-new-tokens", 2, "--base-replay",
+                                            rec, "--base-topk", 5, "--output", bad])])
+    err = capsys.readouterr().err
+    assert code != 0 and "no recorded answer for the prefix 'unseen'" in err and not bad.exists()
+    code = cli.main(["generate", *map(str, [*pair, "--prompt", "x", "--max-new-tokens", 2, "--base-api", srv.url,
+                                            "--output", bad])])
+    assert code != 0 and "--base-api needs --base-model" in capsys.readouterr().err
