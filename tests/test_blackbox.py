@@ -12,6 +12,7 @@ import threading
 import numpy as np
 import pytest
 
+import jax
 import jax.numpy as jnp
 
 from conftest import np_log_softmax
@@ -23,6 +24,15 @@ from proxytune_jax.models.hf_io import load_pretrained
 
 PROMPTS = ["the quick brown fox", "proxy tuning", "hello world! answer:"]
 N_NEW = 6
+
+
+@pytest.fixture(scope="module", autouse=True)
+def fast_compiles():
+    """Tiny models: compile time dominates, so XLA's optimizations are turned down while these tests run."""
+    before = jax.config.read("jax_disable_most_optimizations")
+    jax.config.update("jax_disable_most_optimizations", True)
+    yield
+    jax.config.update("jax_disable_most_optimizations", before)
 
 
 @pytest.fixture(scope="module")
@@ -45,10 +55,12 @@ def ids_of(outs):
 @pytest.mark.parametrize("tail", ["uniform"])  # "drop" at k = V is the same dense row (no tail to drop)
 def test_k_equal_vocab_is_full_logit_proxy_tuning(trio, tail):
     (m, e, a), tok = trio
+    from proxytune_jax.decoding.alpha_control import control_params
+    fp = {"alpha": 1.5, **control_params("linear:4", "disagreement:0.05")}  # per-token α works here too
     ref = TextGenerator([m, e, a], [tok] * 3, "proxy_tuning").generate(
-        PROMPTS, max_new_tokens=N_NEW, batch_size=2, fusion_params={"alpha": 1.5})
+        PROMPTS, max_new_tokens=N_NEW, batch_size=2, fusion_params=fp)
     got = bb(trio, LocalTopKBase(m, tok, k=len(tok)), tail).generate(
-        PROMPTS, max_new_tokens=N_NEW, batch_size=2, fusion_params={"alpha": 1.5})
+        PROMPTS, max_new_tokens=N_NEW, batch_size=2, fusion_params=fp)
     assert ids_of(got) == [r.token_ids for r in ref]
     assert [g.completion for g in got] == [r.completion for r in ref]
 
