@@ -247,3 +247,31 @@ def test_generate_cli_api_record_replay(trio, tiny_checkpoint, server, tmp_path,
     code = cli.main(["generate", *map(str, [*pair, "--prompt", "x", "--max-new-tokens", 2, "--base-api", srv.url,
                                             "--output", bad])])
     assert code != 0 and "--base-api needs --base-model" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("case", ["replay missing prefix", "replay damaged", "replay missing file",
+                                  "unreachable server", "replay with --base-api", "bad topk"])
+def test_blackbox_bad_input(case, tiny_checkpoint, tmp_path, capsys):
+    """The bad-input contract (tests/test_bad_input.py): non-zero exit, a message naming the fix, no traceback,
+    no output file, nothing that existed changed."""
+    from test_bad_input import _expect_refused
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+    rec = tmp_path / "rec.jsonl"
+    rec.write_text(json.dumps({"prefix": "recorded", "ids": [5, 6], "logprobs": [-0.1, -3.0]}) + "\n")
+    (tmp_path / "damaged.jsonl").write_text('{"prefix": "x", "ids": [1]\n')
+    pair = ["--expert", tiny_checkpoint("llama", seed=41), "--anti-expert", tiny_checkpoint("llama", seed=42)]
+    base = ["generate", *pair, "--prompt", "hello", "--max-new-tokens", 2, "--output", tmp_path / "out.jsonl"]
+    argv, message = {
+        "replay missing prefix": (base + ["--base-replay", rec, "--base-topk", 2],
+                                  r"no recorded answer for the prefix 'hello'.*--base-record"),
+        "replay damaged": (base + ["--base-replay", tmp_path / "damaged.jsonl"], r"damaged.jsonl:1"),
+        "replay missing file": (base + ["--base-replay", tmp_path / "none.jsonl"], r"record it first with --base-record"),
+        "unreachable server": (base + ["--base-api", dead, "--base-model", "m", "--base-retries", 0],
+                               r"could not reach the base at .* start the server or fix --base-api"),
+        "replay with --base-api": (base + ["--base-api", dead, "--base-model", "m", "--base-replay", rec],
+                                   r"give one"),
+        "bad topk": (base + ["--base-api", dead, "--base-model", "m", "--base-topk", 50], r"\[1, 20\]"),
+    }[case]
+    _expect_refused(argv, message, capsys, tmp_path)
