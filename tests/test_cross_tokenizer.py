@@ -154,3 +154,28 @@ def test_text_the_small_tokenizer_cannot_round_trip_is_a_clear_error(world):
     with pytest.raises(UserError, match=r"step 3: the small models' tokenizer does not round-trip the text at "
                                         r"character 0 .*byte-level tokenizer"):
         TextScorer(e, t3).continuation_logprobs([1], "zebra", [" fox"], where="step 3")
+
+
+def test_generate_cli_cross_tokenizer(world, tmp_path, capsys):
+    """``proxytune generate --cross-tokenizer`` == the library call (local base, k = V); without the flag the
+    mismatched tokenizers are refused with a message pointing to it."""
+    import json
+    from proxytune_jax import cli, save_pretrained
+    t1, t2, base, e, a = world
+    dirs = {}
+    for name, m, tok in (("base", base, t1), ("expert", e, t2), ("anti", a, t2)):
+        save_pretrained(m, tmp_path / name)
+        tok.save_pretrained(tmp_path / name)
+        dirs[name] = tmp_path / name
+    out = tmp_path / "out.jsonl"
+    argv = ["generate", "--target", dirs["base"], "--expert", dirs["expert"], "--anti-expert", dirs["anti"],
+            "--prompt", PROMPTS[0], "--max-new-tokens", N_NEW, "--alpha", 1.0, "--output", out]
+    assert cli.main([str(x) for x in argv + ["--cross-tokenizer"]]) == 0
+    ref = CrossTokenizerGenerator(LocalTopKBase(base, t1, k=len(t1)), t1, e, a, t2).generate(
+        PROMPTS[:1], max_new_tokens=N_NEW, fusion_params={"alpha": 1.0})[0]
+    row = json.loads(out.read_text())
+    assert row["base_token_ids"] == ref.base_token_ids and row["completion"] == ref.completion
+    capsys.readouterr()
+    out.unlink()
+    assert cli.main([str(x) for x in argv]) != 0
+    assert "--cross-tokenizer" in capsys.readouterr().err and not out.exists()

@@ -137,8 +137,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                     help="answer the base's steps from a file recorded with --base-record (no server)")
     bb.add_argument("--base-record", dest="base_record", type=Path, default=None, metavar="FILE",
                     help="with --base-api: also write every answer to FILE (JSONL) for --base-replay")
-    bb.add_argument("--base-topk", dest="base_topk", type=int, default=20,
-                    help="k of the base's top-k log-probs (default 20, the OpenAI API's cap)")
+    bb.add_argument("--base-topk", dest="base_topk", type=int, default=None,
+                    help="k of the base's top-k log-probs (default 20, the OpenAI API's cap; with --cross-tokenizer "
+                         "and a local --target: the whole vocabulary)")
+    parser.add_argument("--cross-tokenizer", dest="cross_tokenizer", action="store_true",
+                        help="the base (--target, or --base-api/--base-replay with --base-tokenizer) and the "
+                             "expert/anti-expert pair use different tokenizers: align them through text "
+                             "(decoding.cross_tokenizer; greedy)")
     bb.add_argument("--base-tail", dest="base_tail", choices=("uniform", "drop"), default=None,
                     help="the tokens outside the base's top k: their mass spread uniformly (uniform) or the support "
                          "restricted to the top k (drop); default: decoding.blackbox.DEFAULT_TAIL")
@@ -334,6 +339,8 @@ def run(args) -> int:
     out_path = Path(args.output)
     if not out_path.parent.exists():
         raise UserError(f"--output {out_path}: folder {out_path.parent} does not exist; create it first")
+    if getattr(args, "cross_tokenizer", False):
+        return run_cross_tokenizer(args, prompts, out_path)
     if getattr(args, "base_api", None) or getattr(args, "base_replay", None):
         return run_blackbox(args, prompts, out_path)
     for flag in ("base_model", "base_record", "base_tail", "base_tokenizer"):
@@ -418,6 +425,7 @@ def run_blackbox(args, prompts, out_path: Path) -> int:
         raise UserError("--base-api needs --base-model NAME (the model the server serves)")
     if args.base_record is not None and not args.base_api:
         raise UserError("--base-record records a live API: add --base-api URL")
+    args.base_topk = 20 if args.base_topk is None else args.base_topk
     if args.base_topk < 1:
         raise UserError(f"--base-topk must be >= 1, got {args.base_topk}")
     if args.base_retries < 0:
@@ -443,15 +451,7 @@ def run_blackbox(args, prompts, out_path: Path) -> int:
     align_vocabularies(tokenizers, [c.vocab_size for c in configs], names)
 
     from proxytune_jax.decoding import blackbox
-    if args.base_api:
-        base = blackbox.OpenAICompletionsBase(args.base_api, args.base_model, tok, args.base_topk,
-                                              retries=args.base_retries)
-        if args.base_record is not None:
-            if not args.base_record.parent.exists():
-                raise UserError(f"--base-record {args.base_record}: folder {args.base_record.parent} does not exist")
-            base = blackbox.RecordingTopKBase(base, args.base_record, tok)
-    else:
-        base = blackbox.ReplayTopKBase(args.base_replay, tok, args.base_topk)
+    base = blackbox_base(args, tok)
     models = load_models(dirs, adapters, args.adapter_mode)
     gen = blackbox.BlackBoxGenerator(base, models[0], models[1], tok, tail=args.base_tail or blackbox.DEFAULT_TAIL,
                                      expert_chat_template=bool(args.expert_chat_template))
@@ -463,6 +463,87 @@ def run_blackbox(args, prompts, out_path: Path) -> int:
                                    top_p=args.top_p, seed=args.seed, stop_strings=args.stop, progress=bar.update)
     finally:
         if isinstance(base, blackbox.RecordingTopKBase):
+            print(f"recorded {len(base.rows)} base answers to {base.save()}")
+    from proxytune_jax.atomic import open_atomic
+    with open_atomic(out_path) as f:
+        for r in results:
+            f.write(json.dumps(r.to_json(), ensure_ascii=False) + "\n")
+    print(f"wrote {len(results)} completions to {out_path}")
+    return 0
+
+
+def blackbox_base(args, tok):
+    """The base of --base-api (recorded with --base-record) or --base-replay, its strings mapped by ``tok``."""
+    from proxytune_jax.decoding import blackbox
+    if args.base_api:
+        base = blackbox.OpenAICompletionsBase(args.base_api, args.base_model, tok, args.base_topk,
+                                              retries=args.base_retries)
+        if args.base_record is not None:
+            if not args.base_record.parent.exists():
+                raise UserError(f"--base-record {args.base_record}: folder {args.base_record.parent} does not exist")
+            base = blackbox.RecordingTopKBase(base, args.base_record, tok)
+        return base
+    return blackbox.ReplayTopKBase(args.base_replay, tok, args.base_topk)
+
+
+def run_cross_tokenizer(args, prompts, out_path: Path) -> int:
+    """--cross-tokenizer: the base and the small pair on different tokenizers (``decoding.cross_tokenizer``)."""
+    black = bool(args.base_api or args.base_replay)
+    if args.base_api and args.base_replay:
+        raise UserError("--base-api and --base-replay are two sources for the base; give one")
+    if black == (args.target is not None):
+        raise UserError("--cross-tokenizer needs one base: --target DIR, or --base-api/--base-replay with "
+                        "--base-tokenizer DIR")
+    if black and not args.base_tokenizer:
+        raise UserError("--cross-tokenizer with a black-box base needs --base-tokenizer DIR (the served model's "
+                        "tokenizer: the base's strings and EOS are read through it)")
+    if len(args.expert) != 1 or len(args.anti_expert) != 1:
+        raise UserError("--cross-tokenizer needs one --expert and one --anti-expert")
+    if (args.rule or "proxy_tuning") != "proxy_tuning" or args.param:
+        raise UserError("--cross-tokenizer supports --rule proxy_tuning with --alpha (and --alpha-schedule / "
+                        "--alpha-gate); drop --rule/--param")
+    if args.temperature != 0 or args.top_k or args.top_p != 1.0 or args.stop or args.analysis or args.topk_cache:
+        raise UserError("--cross-tokenizer decodes greedily; drop --temperature/--top-k/--top-p/--stop/--analysis/"
+                        "--topk-cache")
+    if args.base_api and not args.base_model:
+        raise UserError("--base-api needs --base-model NAME (the model the server serves)")
+    if args.base_record is not None and not args.base_api:
+        raise UserError("--base-record records a live API: add --base-api URL")
+    if args.base_topk is not None and args.base_topk < 1:
+        raise UserError(f"--base-topk must be >= 1, got {args.base_topk}")
+    fusion_params = parse_rule_params(args, "proxy_tuning")
+    flags = [("--expert", args.expert[0]), ("--anti-expert", args.anti_expert[0])]
+    if not black:
+        flags = [("--target", args.target)] + flags
+    dirs = [check_model_dir(f, v) for f, v in flags]
+    adapters = adapter_dirs(args, flags)
+    tokenizers = [load_tokenizer(f, d) for (f, _), d in zip(flags, dirs)]
+    from proxytune_jax.decoding.vocab import align_vocabularies
+    from proxytune_jax.models import config_from_hf
+    configs = [config_from_hf(read_json_file(d / "config.json", what=f"{f} config",
+                                             fix="re-export the model or copy config.json again"))
+               for (f, _), d in zip(flags, dirs)]
+    names = [f"{f} {v}" for f, v in flags]
+    align_vocabularies(tokenizers[-2:], [c.vocab_size for c in configs[-2:]], names[-2:])  # the pair: one tokenizer
+    if black:
+        from proxytune_jax.models.hub import resolve_model_path
+        base_tok = load_tokenizer("--base-tokenizer", resolve_model_path(args.base_tokenizer, what="--base-tokenizer"))
+        args.base_topk = 20 if args.base_topk is None else args.base_topk
+        base = blackbox_base(args, base_tok)
+    models = load_models(dirs, adapters, args.adapter_mode)
+    if not black:
+        from proxytune_jax.decoding.blackbox import LocalTopKBase
+        base_tok = tokenizers[0]
+        v = min(len(base_tok), configs[0].vocab_size)
+        base = LocalTopKBase(models[0], base_tok, k=min(args.base_topk or v, v))
+    from proxytune_jax.decoding.cross_tokenizer import CrossTokenizerGenerator
+    gen = CrossTokenizerGenerator(base, base_tok, models[-2], models[-1], tokenizers[-1],
+                                  expert_chat_template=bool(args.expert_chat_template))
+    try:
+        results = gen.generate(prompts, max_new_tokens=args.max_new_tokens, fusion_params=fusion_params)
+    finally:
+        from proxytune_jax.decoding.blackbox import RecordingTopKBase
+        if isinstance(base, RecordingTopKBase):
             print(f"recorded {len(base.rows)} base answers to {base.save()}")
     from proxytune_jax.atomic import open_atomic
     with open_atomic(out_path) as f:
