@@ -343,7 +343,7 @@ def run(args) -> int:
         return run_cross_tokenizer(args, prompts, out_path)
     if getattr(args, "base_api", None) or getattr(args, "base_replay", None):
         return run_blackbox(args, prompts, out_path)
-    for flag in ("base_model", "base_record", "base_tail", "base_tokenizer"):
+    for flag in ("base_model", "base_record", "base_tail", "base_tokenizer", "base_topk"):
         if getattr(args, flag, None) is not None:
             raise UserError(f"--{flag.replace('_', '-')} goes with a black-box base: add --base-api URL or "
                             "--base-replay FILE")
@@ -511,6 +511,9 @@ def run_cross_tokenizer(args, prompts, out_path: Path) -> int:
         raise UserError("--base-record records a live API: add --base-api URL")
     if args.base_topk is not None and args.base_topk < 1:
         raise UserError(f"--base-topk must be >= 1, got {args.base_topk}")
+    if args.base_tail is not None:
+        raise UserError("--base-tail does not apply to --cross-tokenizer: its support is the base's top k (pass "
+                        "--base-topk; a local --target uses its whole vocabulary by default)")
     fusion_params = parse_rule_params(args, "proxy_tuning")
     flags = [("--expert", args.expert[0]), ("--anti-expert", args.anti_expert[0])]
     if not black:
