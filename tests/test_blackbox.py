@@ -198,6 +198,9 @@ def test_record_then_replay(trio, tmp_path):
     got = bb(trio, rec, "drop").generate(PROMPTS, max_new_tokens=N_NEW, batch_size=2)
     rec.save()
     assert not list(tmp_path.glob(".base.jsonl.*"))  # written atomically
+    before = path.read_text()
+    RecordingTopKBase(LocalTopKBase(m, tok, k=4), path, tok).save()  # re-opened: keeps every row as it was
+    assert path.read_text() == before
     replay = ReplayTopKBase(path, tok, k=4)
     assert ids_of(bb(trio, replay, "drop").generate(PROMPTS, max_new_tokens=N_NEW, batch_size=2)) == ids_of(got)
     # the replayed TopK equals the recorded model's top-k for a recorded prefix

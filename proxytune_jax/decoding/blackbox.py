@@ -216,7 +216,10 @@ class OpenAICompletionsBase:
                 raise UserError(f"{self.url}: expected {len(todo)} choices (one per prompt), got "
                                 f"{len(choices) if isinstance(choices, list) else choices!r}")
             for pos, ch in enumerate(choices):
-                j = ch.get("index", pos)
+                j = ch.get("index", pos) if isinstance(ch, dict) else -1
+                if not isinstance(j, int) or not 0 <= j < len(todo):
+                    raise UserError(f"{self.url}: choice {pos} has no valid \"index\" for {len(todo)} prompts; the "
+                                    "server must answer an OpenAI completions request with one choice per prompt")
                 where = f"{self.url} answer for prefix {_short(todo[j])}"
                 try:
                     first = ch["logprobs"]["top_logprobs"][0]
@@ -257,7 +260,7 @@ class RecordingTopKBase:
         from proxytune_jax.atomic import open_atomic
         with open_atomic(self.path) as f:
             for r in self.rows.values():
-                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+                f.write(json.dumps({k: v for k, v in r.items() if k != "_line"}, ensure_ascii=False) + "\n")
         return self.path
 
 
