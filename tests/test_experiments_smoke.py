@@ -60,7 +60,8 @@ def in_unit(x) -> bool:
 def test_every_script_is_covered():
     covered = {"proxy_tune_llama2", "summarization_fusion", "code_adaptation", "task_tuning",
                "distill_sinkd_glue", "distill_losses", "distill_first", "distill_bayesian", "toyworld_seeds",
-               "sinkhorn_gradients", "toyworld_gkd", "toyworld_proxy_distill", "toyworld_lora_expert"}
+               "sinkhorn_gradients", "toyworld_gkd", "toyworld_proxy_distill", "toyworld_lora_expert",
+               "toyworld_alpha_schedules", "toyworld_blackbox"}
     assert set(SCRIPTS) <= covered, f"add a smoke test for {sorted(set(SCRIPTS) - covered)}"
     for name in SCRIPTS:
         doc = (REPO / "experiments" / f"{name}.py").read_text()
@@ -215,3 +216,25 @@ def test_toyworld_lora_expert(tmp_path, quick_world_cache, capsys):
                      "--prompts", str(prompts), "--max-new-tokens", "8", "--output", str(tmp_path / "out.jsonl")])
     assert code == 0, capsys.readouterr().err
     assert len((tmp_path / "out.jsonl").read_text().splitlines()) == 4
+
+
+def test_toyworld_alpha_schedules(tmp_path, quick_world_cache):
+    r = run_smoke("toyworld_alpha_schedules", tmp_path, "--cache-dir", str(quick_world_cache))
+    (row,) = r["per_seed"].values()
+    assert all(in_unit(x) for x in row["per_token"].values())
+    for name, s in r["summary"].items():  # the table's differences are those of the accuracies above
+        assert s["diff_vs_constant"] == [pytest.approx(row["per_token"][name] - row["per_token"]["constant"])]
+    # constant α through the schedule path equals the plain constant-α decode of the sweep
+    assert row["per_token"]["constant"] == pytest.approx(row["constant_alpha"]["1.0"])
+    assert (tmp_path / "results" / "alpha_sweep_per_token.png").stat().st_size > 0
+
+
+def test_toyworld_blackbox(tmp_path, quick_world_cache):
+    r = run_smoke("toyworld_blackbox", tmp_path, "--cache-dir", str(quick_world_cache))
+    (row,) = r["per_seed"].values()
+    acc = row["accuracy"]
+    assert {"base-large", "full logits", "k=1 uniform", "k=5 drop", "k=V uniform"} <= set(acc)
+    assert all(in_unit(x) for x in acc.values())
+    assert acc["k=V uniform"] == pytest.approx(acc["full logits"])  # no truncation: the full-logit decode
+    for name, s in r["summary"].items():
+        assert s["diff_vs_full"] == [pytest.approx(acc[name] - acc["full logits"])]

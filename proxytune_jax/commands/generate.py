@@ -4,7 +4,9 @@
         [--expert-chat-template] (--prompt TEXT | --prompts FILE.jsonl) --max-new-tokens N [--temperature 0]
         [--top-p 1.0] [--top-k 0] [--seed 0] [--batch-size 8] [--stop STR ...] [--analysis] --output OUT.jsonl
         [--topk-cache DIR [--topk 5]] [--expert-adapter DIR] [--anti-expert-adapter DIR] [--target-adapter DIR]
-        [--adapter-mode auto|unmerged|merged]
+        [--adapter-mode auto|unmerged|merged] [--alpha-schedule SPEC] [--alpha-gate SPEC]
+    proxytune generate (--base-api URL --base-model NAME [--base-record FILE] | --base-replay FILE)
+        [--base-topk 20] [--base-tail uniform|drop] [--base-tokenizer DIR] --expert DIR --anti-expert DIR ...
 
 Each DIR is a local folder or a Hugging Face Hub id (``org/name``) resolved through the HF cache (a local folder
 wins; ``HF_HUB_OFFLINE=1`` reads the cache only). With only ``--target`` it is plain decoding of that model.
@@ -23,7 +25,9 @@ on a base used once is merged into it (a plain model, grouped with same-shaped m
 either.
 
 Hyperparameters: ``--alpha A`` (the α of proxy_tuning / dexperts) or ``--param NAME=VALUE`` for any rule's
-own (``lam``, ``temperature``, ``theta``, ``plausibility``, ``weights`` as a comma list, ...).
+own (``lam``, ``temperature``, ``theta``, ``plausibility``, ``weights`` as a comma list, ...). Per-token α
+(:mod:`proxytune_jax.decoding.alpha_control`): ``--alpha-schedule constant|linear:END|step:K:ALPHA2`` and
+``--alpha-gate entropy:THRESH|disagreement:THRESH`` (nats; α only where the small pair is uncertain).
 
 Every user mistake is found before anything is written (and before the models are loaded where possible);
 the output is written to a temporary file in the output folder and renamed at the end, so a failed run never
@@ -33,6 +37,11 @@ for a stop string, "length"); ``--analysis`` adds per-token top-1 ids, chosen-to
 model and whether the combined top-1 differs from the target's. ``--topk-cache DIR`` also writes the fused
 distribution's top-k before every generated token as a teacher cache (``training.recorded_teacher``) and the
 training file of the completions, for ``offline_topk``: the proxy-tuned model distilled offline.
+
+A black-box base (:mod:`proxytune_jax.decoding.blackbox`): ``--base-api URL --base-model NAME`` asks an
+OpenAI-compatible completions server for the base's top-k log-probs at every step (``--base-topk``, ≤ 20), the
+small pair runs locally; ``--base-record FILE`` keeps every answer and ``--base-replay FILE`` replays them without
+a server. ``--base-tail`` says how the tokens outside the top k are treated.
 """
 from __future__ import annotations
 
@@ -57,7 +66,9 @@ def role_flag(rule_name: str, role: str) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--target", required=True, help="the base (large) model folder or Hub id")
+    parser.add_argument("--target", default=None,
+                        help="the base (large) model folder or Hub id (required unless the base is a black box: "
+                             "--base-api or --base-replay)")
     parser.add_argument("--expert", action="append", default=[],
                         help="the tuned small model folder (repeat with --anti-expert for several pairs, --rule eft)")
     parser.add_argument("--anti-expert", dest="anti_expert", action="append", default=[],
@@ -70,6 +81,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "plain with --target alone)")
     parser.add_argument("--alpha", type=float, default=None,
                         help="strength α of the expert/anti-expert offset (default: the rule's, 1.0 for proxy_tuning)")
+    parser.add_argument("--alpha-schedule", dest="alpha_schedule", default=None, metavar="SPEC",
+                        help="per-token α over generated tokens: constant, linear:END (α·max(0, 1 − t/END)) or "
+                             "step:K:ALPHA2 (α for the first K tokens, then ALPHA2); rules with an α only")
+    parser.add_argument("--alpha-gate", dest="alpha_gate", default=None, metavar="SPEC",
+                        help="apply α only where the small pair is uncertain: entropy:THRESH (the expert's entropy "
+                             "≥ THRESH nats) or disagreement:THRESH (KL(expert ‖ anti-expert) ≥ THRESH nats); "
+                             "elsewhere the base decides alone")
     parser.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
                         help="a hyperparameter of the rule, e.g. lam=0.5 or weights=1,0.5 (repeatable)")
     parser.add_argument("--target-adapter", dest="target_adapter", metavar="DIR",
@@ -110,6 +128,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "cache for offline_topk, with its training file DIR/train.jsonl (e.g. distill the "
                              "proxy-tuned model into one model)")
     parser.add_argument("--topk", type=int, default=5, help="entries per position of --topk-cache (default 5)")
+    bb = parser.add_argument_group("black-box base (proxy-tuning a base known only by its top-k log-probs)")
+    bb.add_argument("--base-api", dest="base_api", default=None, metavar="URL",
+                    help="an OpenAI-compatible server (e.g. vLLM at http://localhost:8000) whose completions with "
+                         "logprobs give the base's top-k at every step; replaces --target")
+    bb.add_argument("--base-model", dest="base_model", default=None, help="the model name the server serves")
+    bb.add_argument("--base-replay", dest="base_replay", type=Path, default=None, metavar="FILE",
+                    help="answer the base's steps from a file recorded with --base-record (no server)")
+    bb.add_argument("--base-record", dest="base_record", type=Path, default=None, metavar="FILE",
+                    help="with --base-api: also write every answer to FILE (JSONL) for --base-replay")
+    bb.add_argument("--base-topk", dest="base_topk", type=int, default=None,
+                    help="k of the base's top-k log-probs (default 20, the OpenAI API's cap; with --cross-tokenizer "
+                         "and a local --target: the whole vocabulary)")
+    parser.add_argument("--cross-tokenizer", dest="cross_tokenizer", action="store_true",
+                        help="the base (--target, or --base-api/--base-replay with --base-tokenizer) and the "
+                             "expert/anti-expert pair use different tokenizers: align them through text "
+                             "(decoding.cross_tokenizer; greedy)")
+    bb.add_argument("--base-tail", dest="base_tail", choices=("uniform", "drop"), default=None,
+                    help="the tokens outside the base's top k: their mass spread uniformly (uniform) or the support "
+                         "restricted to the top k (drop); default: decoding.blackbox.DEFAULT_TAIL")
+    bb.add_argument("--base-tokenizer", dest="base_tokenizer", default=None, metavar="DIR",
+                    help="the served model's tokenizer (folder or Hub id; default: the expert's, which must match)")
+    bb.add_argument("--base-retries", dest="base_retries", type=int, default=3,
+                    help="retries of a failed request, with exponential backoff (default 3)")
 
 
 def check_numbers(args) -> None:
@@ -175,7 +216,7 @@ def model_flags(args, rule_name: str) -> list[tuple[str, str]]:
 
 def parse_rule_params(args, rule_name: str) -> dict | None:
     """``--alpha`` and ``--param NAME=VALUE`` as the rule's hyperparameters (checked against the rule)."""
-    from proxytune_jax.decoding.fusion import resolve_params
+    from proxytune_jax.decoding.fusion import get_rule, resolve_params
     params: dict = {}
     if args.alpha is not None:
         params["alpha"] = args.alpha
@@ -188,6 +229,12 @@ def parse_rule_params(args, rule_name: str) -> dict | None:
         except ValueError:
             raise UserError(f"--param {item!r}: {value!r} is not a number (or a comma list of numbers)") from None
         params[name.strip()] = parts if (len(parts) > 1 or name.strip() == "weights") else parts[0]
+    from proxytune_jax.decoding.alpha_control import control_params
+    control = control_params(getattr(args, "alpha_schedule", None), getattr(args, "alpha_gate", None))
+    if control and "alpha" not in get_rule(rule_name).defaults:
+        raise UserError(f"--alpha-schedule/--alpha-gate act on α; --rule {rule_name} has none (use proxy_tuning "
+                        "or dexperts)")
+    params.update(control)
     if rule_name == "plain" and params:
         raise UserError("--rule plain has no hyperparameters; drop --alpha/--param")
     if rule_name == "eft" and len(params.get("weights", [])) != len(args.expert):
@@ -292,6 +339,17 @@ def run(args) -> int:
     out_path = Path(args.output)
     if not out_path.parent.exists():
         raise UserError(f"--output {out_path}: folder {out_path.parent} does not exist; create it first")
+    if getattr(args, "cross_tokenizer", False):
+        return run_cross_tokenizer(args, prompts, out_path)
+    if getattr(args, "base_api", None) or getattr(args, "base_replay", None):
+        return run_blackbox(args, prompts, out_path)
+    for flag in ("base_model", "base_record", "base_tail", "base_tokenizer", "base_topk"):
+        if getattr(args, flag, None) is not None:
+            raise UserError(f"--{flag.replace('_', '-')} goes with a black-box base: add --base-api URL or "
+                            "--base-replay FILE")
+    if args.target is None:
+        raise UserError("give the base: --target DIR, or a black-box base with --base-api URL --base-model NAME "
+                        "(or --base-replay FILE)")
 
     rule = pick_rule(args)
     flags = model_flags(args, rule)
@@ -345,4 +403,154 @@ def run(args) -> int:
         print(f"wrote the top-{args.topk} teacher cache {cache} and its training file {data}"
               + (f" ({skipped} completions left out: their tokens are not the tokenizer's encoding of their text)"
                  if skipped else ""))
+    return 0
+
+
+def run_blackbox(args, prompts, out_path: Path) -> int:
+    """Proxy-tuning a black-box base (``decoding.blackbox``): --base-api / --base-replay with --expert and
+    --anti-expert (one pair, sharing the base's tokenizer)."""
+    if args.base_api and args.base_replay:
+        raise UserError("--base-api and --base-replay are two sources for the base; give one")
+    if args.target is not None:
+        raise UserError("--target is the base when its weights are here; with --base-api/--base-replay drop --target")
+    if len(args.expert) != 1 or len(args.anti_expert) != 1:
+        raise UserError("a black-box base needs one --expert and one --anti-expert (the tuned and untuned small "
+                        "models)")
+    if (args.rule or "proxy_tuning") != "proxy_tuning" or args.param:
+        raise UserError("a black-box base supports --rule proxy_tuning with --alpha (and --alpha-schedule / "
+                        "--alpha-gate); drop --rule/--param")
+    if args.analysis or args.topk_cache is not None:
+        raise UserError("--analysis and --topk-cache need the base's full logits; drop them with a black-box base")
+    if args.base_api and not args.base_model:
+        raise UserError("--base-api needs --base-model NAME (the model the server serves)")
+    if args.base_record is not None and not args.base_api:
+        raise UserError("--base-record records a live API: add --base-api URL")
+    args.base_topk = 20 if args.base_topk is None else args.base_topk
+    if args.base_topk < 1:
+        raise UserError(f"--base-topk must be >= 1, got {args.base_topk}")
+    if args.base_retries < 0:
+        raise UserError(f"--base-retries must be >= 0, got {args.base_retries}")
+    fusion_params = parse_rule_params(args, "proxy_tuning")
+    flags = [("--expert", args.expert[0]), ("--anti-expert", args.anti_expert[0])]
+    dirs = [check_model_dir(f, v) for f, v in flags]
+    adapters = adapter_dirs(args, flags)
+    tokenizers = [load_tokenizer(f, d) for (f, _), d in zip(flags, dirs)]
+    from proxytune_jax.decoding.vocab import align_vocabularies
+    from proxytune_jax.models import config_from_hf
+    configs = [config_from_hf(read_json_file(d / "config.json", what=f"{f} config",
+                                             fix="re-export the model or copy config.json again"))
+               for (f, _), d in zip(flags, dirs)]
+    names = [f"{f} {v}" for f, v in flags]
+    tok = tokenizers[0]
+    if args.base_tokenizer:
+        from proxytune_jax.models.hub import resolve_model_path
+        tok = load_tokenizer("--base-tokenizer", resolve_model_path(args.base_tokenizer, what="--base-tokenizer"))
+        tokenizers = [tok] + tokenizers
+        names = [f"--base-tokenizer {args.base_tokenizer}"] + names
+        configs = [configs[0]] + configs
+    align_vocabularies(tokenizers, [c.vocab_size for c in configs], names)
+
+    from proxytune_jax.decoding import blackbox
+    base = blackbox_base(args, tok)
+    models = load_models(dirs, adapters, args.adapter_mode)
+    gen = blackbox.BlackBoxGenerator(base, models[0], models[1], tok, tail=args.base_tail or blackbox.DEFAULT_TAIL,
+                                     expert_chat_template=bool(args.expert_chat_template))
+    from tqdm import tqdm
+    try:
+        with tqdm(total=math.ceil(len(prompts) / args.batch_size), desc="generate", unit="batch") as bar:
+            results = gen.generate(prompts, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                                   fusion_params=fusion_params, temperature=args.temperature, top_k=args.top_k,
+                                   top_p=args.top_p, seed=args.seed, stop_strings=args.stop, progress=bar.update)
+    finally:
+        if isinstance(base, blackbox.RecordingTopKBase):
+            print(f"recorded {len(base.rows)} base answers to {base.save()}")
+    from proxytune_jax.atomic import open_atomic
+    with open_atomic(out_path) as f:
+        for r in results:
+            f.write(json.dumps(r.to_json(), ensure_ascii=False) + "\n")
+    print(f"wrote {len(results)} completions to {out_path}")
+    return 0
+
+
+def blackbox_base(args, tok):
+    """The base of --base-api (recorded with --base-record) or --base-replay, its strings mapped by ``tok``."""
+    from proxytune_jax.decoding import blackbox
+    if args.base_api:
+        base = blackbox.OpenAICompletionsBase(args.base_api, args.base_model, tok, args.base_topk,
+                                              retries=args.base_retries)
+        if args.base_record is not None:
+            if not args.base_record.parent.exists():
+                raise UserError(f"--base-record {args.base_record}: folder {args.base_record.parent} does not exist")
+            base = blackbox.RecordingTopKBase(base, args.base_record, tok)
+        return base
+    return blackbox.ReplayTopKBase(args.base_replay, tok, args.base_topk)
+
+
+def run_cross_tokenizer(args, prompts, out_path: Path) -> int:
+    """--cross-tokenizer: the base and the small pair on different tokenizers (``decoding.cross_tokenizer``)."""
+    black = bool(args.base_api or args.base_replay)
+    if args.base_api and args.base_replay:
+        raise UserError("--base-api and --base-replay are two sources for the base; give one")
+    if black == (args.target is not None):
+        raise UserError("--cross-tokenizer needs one base: --target DIR, or --base-api/--base-replay with "
+                        "--base-tokenizer DIR")
+    if black and not args.base_tokenizer:
+        raise UserError("--cross-tokenizer with a black-box base needs --base-tokenizer DIR (the served model's "
+                        "tokenizer: the base's strings and EOS are read through it)")
+    if len(args.expert) != 1 or len(args.anti_expert) != 1:
+        raise UserError("--cross-tokenizer needs one --expert and one --anti-expert")
+    if (args.rule or "proxy_tuning") != "proxy_tuning" or args.param:
+        raise UserError("--cross-tokenizer supports --rule proxy_tuning with --alpha (and --alpha-schedule / "
+                        "--alpha-gate); drop --rule/--param")
+    if args.temperature != 0 or args.top_k or args.top_p != 1.0 or args.stop or args.analysis or args.topk_cache:
+        raise UserError("--cross-tokenizer decodes greedily; drop --temperature/--top-k/--top-p/--stop/--analysis/"
+                        "--topk-cache")
+    if args.base_api and not args.base_model:
+        raise UserError("--base-api needs --base-model NAME (the model the server serves)")
+    if args.base_record is not None and not args.base_api:
+        raise UserError("--base-record records a live API: add --base-api URL")
+    if args.base_topk is not None and args.base_topk < 1:
+        raise UserError(f"--base-topk must be >= 1, got {args.base_topk}")
+    if args.base_tail is not None:
+        raise UserError("--base-tail does not apply to --cross-tokenizer: its support is the base's top k (pass "
+                        "--base-topk; a local --target uses its whole vocabulary by default)")
+    fusion_params = parse_rule_params(args, "proxy_tuning")
+    flags = [("--expert", args.expert[0]), ("--anti-expert", args.anti_expert[0])]
+    if not black:
+        flags = [("--target", args.target)] + flags
+    dirs = [check_model_dir(f, v) for f, v in flags]
+    adapters = adapter_dirs(args, flags)
+    tokenizers = [load_tokenizer(f, d) for (f, _), d in zip(flags, dirs)]
+    from proxytune_jax.decoding.vocab import align_vocabularies
+    from proxytune_jax.models import config_from_hf
+    configs = [config_from_hf(read_json_file(d / "config.json", what=f"{f} config",
+                                             fix="re-export the model or copy config.json again"))
+               for (f, _), d in zip(flags, dirs)]
+    names = [f"{f} {v}" for f, v in flags]
+    align_vocabularies(tokenizers[-2:], [c.vocab_size for c in configs[-2:]], names[-2:])  # the pair: one tokenizer
+    if black:
+        from proxytune_jax.models.hub import resolve_model_path
+        base_tok = load_tokenizer("--base-tokenizer", resolve_model_path(args.base_tokenizer, what="--base-tokenizer"))
+        args.base_topk = 20 if args.base_topk is None else args.base_topk
+        base = blackbox_base(args, base_tok)
+    models = load_models(dirs, adapters, args.adapter_mode)
+    if not black:
+        from proxytune_jax.decoding.blackbox import LocalTopKBase
+        base_tok = tokenizers[0]
+        v = min(len(base_tok), configs[0].vocab_size)
+        base = LocalTopKBase(models[0], base_tok, k=min(args.base_topk or v, v))
+    from proxytune_jax.decoding.cross_tokenizer import CrossTokenizerGenerator
+    gen = CrossTokenizerGenerator(base, base_tok, models[-2], models[-1], tokenizers[-1],
+                                  expert_chat_template=bool(args.expert_chat_template))
+    try:
+        results = gen.generate(prompts, max_new_tokens=args.max_new_tokens, fusion_params=fusion_params)
+    finally:
+        from proxytune_jax.decoding.blackbox import RecordingTopKBase
+        if isinstance(base, RecordingTopKBase):
+            print(f"recorded {len(base.rows)} base answers to {base.save()}")
+    from proxytune_jax.atomic import open_atomic
+    with open_atomic(out_path) as f:
+        for r in results:
+            f.write(json.dumps(r.to_json(), ensure_ascii=False) + "\n")
+    print(f"wrote {len(results)} completions to {out_path}")
     return 0

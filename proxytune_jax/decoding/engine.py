@@ -121,10 +121,11 @@ def _run_groups(graphdefs, params, groups, ids, masks, caches, *, shared_input):
     return logits, new_caches
 
 
-def _choose(logits, fusion_params, sampling, key, *, rule, vocab_size, analysis, record_topk=0):
-    """Per-model logits [B, V_i] -> (token [B], optional per-model analysis rows, optional fused top-k)."""
+def _choose(logits, fusion_params, sampling, key, step=0, *, rule, vocab_size, analysis, record_topk=0):
+    """Per-model logits [B, V_i] -> (token [B], optional per-model analysis rows, optional fused top-k).
+    ``step``: tokens generated so far (a per-token α schedule reads it)."""
     sliced = [x[:, :vocab_size].astype(jnp.float32) for x in logits]  # shared id range
-    scores = fusion.combine(rule, sliced, fusion_params)  # [B, V]
+    scores = fusion.combine(rule, sliced, fusion_params, step)  # [B, V]
     token = choose_tokens(scores, sampling, key)
     top = None
     if record_topk:
@@ -196,7 +197,7 @@ def decode_loop(graphdefs, params, prompt_ids, prompt_masks, caches, fusion_para
              if record_topk else None)
     carry = (jnp.full((b, n), pad_id, jnp.int32), jnp.zeros((b,), jnp.int32), jnp.zeros((b,), bool),
              jnp.full((b,), RUNNING, jnp.int32), init_byte_window(b, stop), ana0, tops0)
-    token, extra = choose(logits, fusion_params, sampling, fold_in(key, 0))
+    token, extra = choose(logits, fusion_params, sampling, fold_in(key, 0), jnp.int32(0))
     token, carry = record(0, token, extra, carry)
 
     def cond(state):
@@ -208,7 +209,7 @@ def decode_loop(graphdefs, params, prompt_ids, prompt_masks, caches, fusion_para
         ones = jnp.ones((b, 1), bool)
         # append the chosen token to every stream
         lgs, new_cs = _run_groups(graphdefs, params, groups, token[:, None], ones, cs, shared_input=True)
-        nxt, extra = choose(lgs, fusion_params, sampling, fold_in(key, t + 1))
+        nxt, extra = choose(lgs, fusion_params, sampling, fold_in(key, t + 1), t + 1)
         nxt, rec = record(t + 1, nxt, extra, rec)
         return t + 1, nxt, tuple(new_cs), rec
 

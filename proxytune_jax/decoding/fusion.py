@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from proxytune_jax.decoding import alpha_control
 from proxytune_jax.decoding.sampling import top_p_mask
 from proxytune_jax.errors import UserError
 
@@ -84,14 +85,19 @@ def resolve_params(rule: str | FusionRule, params: Mapping[str, object] | None =
     Concrete (non-traced) values are checked to be finite here, so a bad α fails before any compile."""
     rule = get_rule(rule)
     params = dict(params or {})
-    unknown = set(params) - set(rule.defaults) - set(rule.required)
+    extra = set(alpha_control.PARAMS) if "alpha" in rule.defaults else set()  # per-token α (alpha_control)
+    unknown = set(params) - set(rule.defaults) - set(rule.required) - extra
     if unknown:
+        hint = ("; a per-token α schedule or gate needs a rule with an alpha (proxy_tuning, dexperts)"
+                if unknown & set(alpha_control.PARAMS) else "")
         raise UserError(f"rule {rule.name!r} has no hyperparameter(s) {sorted(unknown)}; it takes "
-                        f"{sorted(set(rule.defaults) | set(rule.required))}")
+                        f"{sorted(set(rule.defaults) | set(rule.required))}{hint}")
     missing = [k for k in rule.required if k not in params]
     if missing:
         raise UserError(f"rule {rule.name!r} needs hyperparameter(s) {missing}")
     out = {}
+    if alpha_control.is_active(params):  # any one given: all filled, one pytree structure
+        params = {**alpha_control.PARAMS, **params}
     for k in sorted(set(rule.defaults) | set(params)):
         v = params.get(k, rule.defaults.get(k))
         dtype = np.int32 if k == "steps" else np.float32
@@ -244,9 +250,13 @@ def small_large_kl(logits, params):
 # ----------------------------------------------------------------------------------------------------------
 
 
-def combine(rule: str | FusionRule, logits: Sequence[jax.Array], params: Params | None = None) -> jax.Array:
+def combine(rule: str | FusionRule, logits: Sequence[jax.Array], params: Params | None = None,
+            step=0) -> jax.Array:
     """Apply ``rule`` to per-model raw logits ``[B, V]`` (log-softmaxed first when the rule reads log-probs).
-    ``params`` may leave out any hyperparameter that has a default (``resolve_params``)."""
+    ``params`` may leave out any hyperparameter that has a default (``resolve_params``). ``step`` (traced int:
+    tokens generated so far) drives a per-token α schedule when ``params`` holds one (:mod:`alpha_control`):
+    α becomes the schedule's α_t, per row ``[B, 1]``, zeroed where the gate on (model 1, model 2) -- the
+    expert and anti-expert -- is closed."""
     rule = get_rule(rule)
     if not rule.num_models_ok(len(logits)):
         raise UserError(f"rule {rule.name!r} takes models {rule.roles}{' (+ more pairs)' if rule.variadic else ''}"
@@ -254,4 +264,7 @@ def combine(rule: str | FusionRule, logits: Sequence[jax.Array], params: Params 
     xs = [x.astype(jnp.float32) for x in logits]
     if rule.inputs == "logprobs":
         xs = [jax.nn.log_softmax(x, axis=-1) for x in xs]
-    return rule.fn(xs, resolve_params(rule, params))
+    params = resolve_params(rule, params)
+    if alpha_control.is_active(params):
+        params = {**params, "alpha": alpha_control.effective_alpha(params, xs[1], xs[2], step)}
+    return rule.fn(xs, params)

@@ -51,6 +51,7 @@ def align_vocabularies(tokenizers: Sequence, model_vocab_sizes: Sequence[int],
             raise UserError(
                 f"{names[0]} and {name} use different tokenizers (id {first} is {ref[first]!r} vs "
                 f"{other[first]!r}); decoding-time tuning combines next-token scores id by id, so all models "
-                "must share one tokenizer: pick checkpoints of the same family")
+                "must share one tokenizer: pick checkpoints of the same family (or, for proxy-tuning with a base on "
+                "another tokenizer, `proxytune generate --cross-tokenizer`)")
     return VocabAlignment(size=size, model_vocab_sizes=tuple(int(v) for v in model_vocab_sizes),
                           tokenizer_sizes=tok_sizes)

@@ -48,23 +48,49 @@ def run_proxy_tuning(models: dict, tokenizer, questions: Sequence, *, alphas: Se
                         comps)
 
 
-def plot_alpha_sweep(results: ProxyResults, path) -> None:
-    """Accuracy vs α for proxy-tuned-large, with the single models as horizontal references."""
+def plot_alpha_sweep(results: ProxyResults, path, *, sweep_std: dict | None = None,
+                     per_token: dict[str, tuple[float, float]] | None = None, title_suffix: str = "") -> None:
+    """Accuracy vs α for proxy-tuned-large, with the single models as horizontal references. ``sweep_std``
+    (α -> std) adds error bars; ``per_token`` (setting label -> (mean, std)) adds a second panel: per-token α
+    schedules and gates (``decoding.alpha_control``) at α = 1 against constant α."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    if per_token:
+        fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, max(4, 0.3 * len(per_token) + 1)),
+                                      gridspec_kw={"width_ratios": [1, 1.1]})
+    else:
+        fig, ax = plt.subplots(figsize=(6, 4))
     a = sorted(results.alpha_sweep)
-    ax.plot(a, [results.alpha_sweep[x] for x in a], "o-", color="C3", label="proxy-tuned-large")
+    ys = [results.alpha_sweep[x] for x in a]
+    if sweep_std:
+        ax.errorbar(a, ys, yerr=[sweep_std.get(x, 0.0) for x in a], fmt="o-", color="C3", capsize=3,
+                    label="proxy-tuned-large")
+    else:
+        ax.plot(a, ys, "o-", color="C3", label="proxy-tuned-large")
     for name, color in (("base-large", "C0"), ("tuned-small", "C1"), ("tuned-large", "C2")):
         ax.axhline(results.accuracy[name], color=color, linestyle="--", label=name)
     ax.set_xlabel("α (strength of the tuned-small − base-small offset)")
     ax.set_ylabel("exact-match accuracy")
-    ax.set_title(f"Proxy-tuning in the toy world ({results.n_questions} held-out questions)")
+    ax.set_title(f"Proxy-tuning in the toy world ({results.n_questions} held-out questions){title_suffix}",
+                 fontsize=9)
     ax.set_ylim(0, 1)
     ax.legend(fontsize=8)
+    if per_token:
+        names = list(per_token)
+        y = list(range(len(names)))[::-1]
+        ax2.barh(y, [per_token[n][0] for n in names], xerr=[per_token[n][1] for n in names], color="C3",
+                 alpha=0.7, capsize=3)
+        ax2.set_yticks(y, names, fontsize=8)
+        if "constant" in per_token:
+            ax2.axvline(per_token["constant"][0], color="k", linestyle=":", label="constant α = 1")
+        ax2.axvline(results.accuracy["base-large"], color="C0", linestyle="--", label="base-large")
+        ax2.set_xlim(0, 1)
+        ax2.set_xlabel("exact-match accuracy (α = 1)")
+        ax2.set_title("per-token α: schedules over generated tokens, gates on the small pair", fontsize=9)
+        ax2.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -1,0 +1,181 @@
+"""Cross-tokenizer proxy-tuning (``decoding.cross_tokenizer``) with two different byte-level BPEs: α = 0 is the
+base's own greedy decoding (the engine's plain decode), α > 0 equals a brute-force re-statement (each candidate
+scored by unpadded full forwards of the small models on their own encodings), the text round-trips under both
+tokenizers, and a step with no alignable candidate is a clear error."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+
+from conftest import build_tiny_tokenizer, np_log_softmax
+from proxytune_jax.decoding.blackbox import LocalTopKBase
+from proxytune_jax.decoding.cross_tokenizer import CrossTokenizerGenerator
+from proxytune_jax.errors import UserError
+
+PROMPTS = ["the quick brown fox", "proxy tuning steers"]
+N_NEW = 5
+
+
+@pytest.fixture(scope="module", autouse=True)
+def fast_compiles():
+    before = jax.config.read("jax_disable_most_optimizations")
+    jax.config.update("jax_disable_most_optimizations", True)
+    yield
+    jax.config.update("jax_disable_most_optimizations", before)
+
+
+def second_tokenizer():
+    """Another byte-level BPE: 200 tokens, trained on other text (so its merges and ids differ)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=290, special_tokens=["<unk>", "</s>", "<pad>", "<s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(["a brown dog sleeps under the tree", "tuning small models is quick",
+                             "proxies steer larger ones"] * 20, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   unk_token="<unk>")
+
+
+@pytest.fixture(scope="module")
+def world():
+    from proxytune_jax.models import init_model, small_llama_config
+    t1, t2 = build_tiny_tokenizer(), second_tokenizer()
+    assert t1.get_vocab() != t2.get_vocab() and t1.eos_token_id != t2.eos_token_id
+    cfg = dict(hidden_size=32, num_heads=4, num_kv_heads=2, max_positions=64)
+    base = init_model(small_llama_config(len(t1), num_layers=2, eos_token_id=t1.eos_token_id, **cfg), seed=0)
+    e = init_model(small_llama_config(len(t2), num_layers=1, eos_token_id=t2.eos_token_id, **cfg), seed=1)
+    a = init_model(small_llama_config(len(t2), num_layers=1, eos_token_id=t2.eos_token_id, **cfg), seed=2)
+    return t1, t2, base, e, a
+
+
+def test_alpha_zero_is_the_base_greedy_decoding(world):
+    from proxytune_jax.decoding.engine import Decoder
+    from proxytune_jax.decoding.prompts import encode_prompt, left_pad
+    from proxytune_jax.decoding.stopping import make_stop_criteria
+    t1, t2, base, e, a = world
+    gen = CrossTokenizerGenerator(LocalTopKBase(base, t1, k=8), t1, e, a, t2)
+    got = gen.generate(PROMPTS, max_new_tokens=N_NEW, fusion_params={"alpha": 0.0})
+    ref = Decoder([base], "plain").generate([left_pad([encode_prompt(t1, p) for p in PROMPTS], 16)],
+                                            max_new_tokens=N_NEW, stop=make_stop_criteria([t1.eos_token_id]))
+    assert [g.base_token_ids for g in got] == ref.token_lists()
+
+
+def full_logits(model, ids, width=48):
+    """[len(ids), V] logits of one sequence: a full forward, no cache (right-padded to one width: causal
+    attention ignores the pads after it; one compile per model)."""
+    from flax import nnx
+    graphdef, params = nnx.split(model)
+    fn = _FWD.setdefault(id(model), jax.jit(lambda p, x: nnx.merge(graphdef, p)(x)[0][0]))
+    x = np.zeros((1, width), np.int32)
+    x[0, :len(ids)] = ids
+    return np.asarray(fn(params, jnp.asarray(x)))[:len(ids)]
+
+
+_FWD: dict = {}
+
+
+def brute_force(world, prompt, k, alpha):
+    """Independent re-statement: every candidate's string scored by unpadded full forwards on the small
+    tokenizer's encodings of prompt and text (log P(text + c) − log P(text))."""
+    t1, t2, base, e, a = world
+
+    def seq_lp(model, ids):
+        lp = np_log_softmax(full_logits(model, ids))
+        return sum(lp[i - 1, ids[i]] for i in range(1, len(ids)))
+
+    def enc(text):
+        return t2(text, add_special_tokens=False)["input_ids"] if text else []
+
+    def text_of(raw):
+        import codecs
+        return codecs.getincrementaldecoder("utf-8")(errors="replace").decode(raw, final=False)
+
+    def bytes_of(i):  # byte-level BPE: the token string's characters are the GPT-2 byte alphabet
+        from proxytune_jax.decoding.stopping import _bytes_to_unicode
+        inv = {c: b for b, c in _bytes_to_unicode().items()}
+        tok = t1.convert_ids_to_tokens(i)
+        return b"" if i in t1.all_special_ids else bytes(inv[ch] for ch in tok)
+
+    p1, p2 = t1(prompt)["input_ids"], t2(prompt)["input_ids"]
+    chosen, raw = [], b""
+    for _ in range(N_NEW):
+        text = text_of(raw)
+        lp_b = np_log_softmax(full_logits(base, p1 + chosen)[-1])
+        best, best_s = None, -np.inf
+        for i in np.argsort(-lp_b, kind="stable")[:k]:
+            i = int(i)
+            s = lp_b[i]
+            old = p2 + enc(text)
+            if i == t1.eos_token_id:
+                new = old + [t2.eos_token_id]
+            else:
+                c = text_of(raw + bytes_of(i))[len(text):]
+                new = p2 + enc(text + c) if c else None
+            if new is not None:
+                s += alpha * ((seq_lp(e, new) - seq_lp(e, old)) - (seq_lp(a, new) - seq_lp(a, old)))
+            if s > best_s:
+                best, best_s = i, s
+        chosen.append(best)
+        if best == t1.eos_token_id:
+            break
+        raw += bytes_of(best)
+    return chosen, raw.decode("utf-8", errors="replace")
+
+
+@pytest.mark.parametrize("k", [3, 10])
+def test_alpha_one_matches_brute_force_and_round_trips(world, k):
+    t1, t2, base, e, a = world
+    gen = CrossTokenizerGenerator(LocalTopKBase(base, t1, k=k), t1, e, a, t2)
+    got = gen.generate(PROMPTS, max_new_tokens=N_NEW, fusion_params={"alpha": 1.0})
+    zero = gen.generate(PROMPTS, max_new_tokens=N_NEW, fusion_params={"alpha": 0.0})
+    for g, p in zip(got, PROMPTS):
+        ids, text = brute_force(world, p, k, 1.0)
+        assert g.base_token_ids == ids and g.completion == text
+        for tok in (t1, t2):  # the text round-trips under both tokenizers
+            assert tok.decode(tok(g.completion, add_special_tokens=False)["input_ids"]) == g.completion
+    assert [g.base_token_ids for g in got] != [z.base_token_ids for z in zero]  # α moved the decoding
+
+
+def test_text_the_small_tokenizer_cannot_round_trip_is_a_clear_error(world):
+    """A word-level small tokenizer (unknown words become <unk>) cannot be aligned through text."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    from proxytune_jax.decoding.cross_tokenizer import TextScorer
+    t1, t2, base, e, a = world
+    wl = Tokenizer(models.WordLevel({"<unk>": 0, "</s>": 1, "the": 2, "fox": 3}, unk_token="<unk>"))
+    wl.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    t3 = PreTrainedTokenizerFast(tokenizer_object=wl, unk_token="<unk>", eos_token="</s>")
+    with pytest.raises(UserError, match=r"step 3: the small models' tokenizer does not round-trip the text at "
+                                        r"character 0 .*byte-level tokenizer"):
+        TextScorer(e, t3).continuation_logprobs([1], "zebra", [" fox"], where="step 3")
+
+
+def test_generate_cli_cross_tokenizer(world, tmp_path, capsys):
+    """``proxytune generate --cross-tokenizer`` == the library call (local base, k = V); without the flag the
+    mismatched tokenizers are refused with a message pointing to it."""
+    import json
+    from proxytune_jax import cli, save_pretrained
+    t1, t2, base, e, a = world
+    dirs = {}
+    for name, m, tok in (("base", base, t1), ("expert", e, t2), ("anti", a, t2)):
+        save_pretrained(m, tmp_path / name)
+        tok.save_pretrained(tmp_path / name)
+        dirs[name] = tmp_path / name
+    out = tmp_path / "out.jsonl"
+    argv = ["generate", "--target", dirs["base"], "--expert", dirs["expert"], "--anti-expert", dirs["anti"],
+            "--prompt", PROMPTS[0], "--max-new-tokens", N_NEW, "--alpha", 1.0, "--output", out]
+    assert cli.main([str(x) for x in argv + ["--cross-tokenizer"]]) == 0
+    ref = CrossTokenizerGenerator(LocalTopKBase(base, t1, k=len(t1)), t1, e, a, t2).generate(
+        PROMPTS[:1], max_new_tokens=N_NEW, fusion_params={"alpha": 1.0})[0]
+    row = json.loads(out.read_text())
+    assert row["base_token_ids"] == ref.base_token_ids and row["completion"] == ref.completion
+    capsys.readouterr()
+    out.unlink()
+    assert cli.main([str(x) for x in argv]) != 0
+    assert "--cross-tokenizer" in capsys.readouterr().err and not out.exists()
