@@ -17,6 +17,7 @@ from jax.sharding import PartitionSpec as P
 from proxytune_jax.errors import UserError
 from proxytune_jax.models.attention import attend, attend_self
 from proxytune_jax.models.cache import KVCache
+from proxytune_jax.sharding import constrain_batch
 from proxytune_jax.models.layers import (AttentionLayout, CausalLM, Embed, LayerNorm, Linear, check_lengths,
                                          check_remat, heads_first, remat_block, root_key, split_key, write_kv)
 
@@ -199,14 +200,15 @@ class GPT2LMHeadModel(CausalLM):
         b, t = input_ids.shape
         check_lengths(t, cache, self.config.max_position_embeddings, self.config.model_type)
         layout = AttentionLayout(attention_mask, b, t, cache)
-        x = self.transformer.wte(input_ids) + self.transformer.wpe(layout.positions)  # [B, T, D]
+        x = constrain_batch(self.transformer.wte(input_ids) + self.transformer.wpe(layout.positions))  # [B, T, D]
         ks, vs = [], []
         for i, block in enumerate(self.transformer.h):
             if cache is None:  # training / scoring: blocks under the remat policy
-                x = remat_block(lambda x, mask, block=block: block(x, mask)[0], self.config.remat)(
-                    x, layout.mask(None))
+                x = constrain_batch(remat_block(lambda x, mask, block=block: block(x, mask)[0], self.config.remat)(
+                    x, layout.mask(None)))
                 continue
             x, (k, v) = block(x, layout.mask(None), (cache.k[i], cache.v[i]), layout.write_at)
+            x = constrain_batch(x)
             ks.append(k)
             vs.append(v)
         return self.transformer.ln_f(x), layout.new_cache(ks, vs, t)

@@ -16,6 +16,7 @@ from proxytune_jax.models import backend, cpu_backend
 from proxytune_jax.models.attention import SelfMask
 from proxytune_jax.models.cache import KVCache, positions_from_mask
 from proxytune_jax.models.lora import LoraWeight, lora_dense
+from proxytune_jax.sharding import constrain_replicated
 
 def split_key(key: jax.Array | None, num: int) -> list[jax.Array | None]:
     """``num`` independent keys (or ``None``s when building shapes only)."""
@@ -72,7 +73,8 @@ class Embed(nnx.Module):
         self.embedding = nnx.Param(normal(key, (num, features), std, dtype))
 
     def __call__(self, ids: jax.Array) -> jax.Array:
-        return jnp.take(self.embedding[...], ids, axis=0)
+        # whole table (under a step's activation_sharding): the looked-up rows then follow the batch sharding
+        return jnp.take(constrain_replicated(self.embedding[...]), ids, axis=0)
 
 
 class RMSNorm(nnx.Module):

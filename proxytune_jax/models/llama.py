@@ -21,6 +21,7 @@ from jax.sharding import PartitionSpec as P
 from proxytune_jax.errors import UserError
 from proxytune_jax.models.attention import attend, attend_self
 from proxytune_jax.models.cache import KVCache
+from proxytune_jax.sharding import constrain_batch
 from proxytune_jax.models.layers import (AttentionLayout, CausalLM, Embed, Linear, RMSNorm, check_lengths,
                                          check_remat, heads_first, remat_block, root_key, split_key, write_kv)
 
@@ -362,15 +363,16 @@ class LlamaForCausalLM(CausalLM):
         windows = {self.config.window_of_layer(i) for i in range(self.config.num_hidden_layers)}
         allowed = {w: layout.mask(w) for w in windows}  # per window size: SelfMask or [B, T, S]
 
-        x = self.model.embed_tokens(input_ids)  # [B, T, D]
+        x = constrain_batch(self.model.embed_tokens(input_ids))  # [B, T, D]
         ks, vs = [], []
         for i, layer in enumerate(self.model.layers):
             mask = allowed[self.config.window_of_layer(i)]
             if cache is None:  # training / scoring: a backward pass may follow, blocks under the remat policy
                 block = remat_block(lambda x, mask, layer=layer: layer(x, cos, sin, mask)[0], self.config.remat)
-                x = block(x, mask)
+                x = constrain_batch(block(x, mask))
                 continue
             x, (k, v) = layer(x, cos, sin, mask, (cache.k[i], cache.v[i]), layout.write_at)
+            x = constrain_batch(x)
             ks.append(k)
             vs.append(v)
         return self.model.norm(x), layout.new_cache(ks, vs, t)

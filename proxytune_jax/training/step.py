@@ -34,7 +34,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from proxytune_jax.errors import UserError
-from proxytune_jax.sharding import BATCH_AXES
+from proxytune_jax.sharding import BATCH_AXES, activation_sharding
 from proxytune_jax.training.state import TrainState
 from proxytune_jax.xla_options import compiler_options
 
@@ -159,6 +159,10 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, me
     rep = NamedSharding(mesh, P())
 
     def step(frozen, state: TrainState, batch):
+        with activation_sharding(mesh):  # the models constrain activations to batch rows over data x fsdp
+            return _step(frozen, state, batch)
+
+    def _step(frozen, state: TrainState, batch):
         rng, step_rng = jax.random.split(state.rng)
         if generate is not None:
             gen_rng, step_rng = jax.random.split(step_rng)
@@ -226,7 +230,8 @@ def make_eval_step(loss_fn: LossFn, mesh: Mesh, *, params_shardings: Any, frozen
     rep = NamedSharding(mesh, P())
 
     def evaluate(frozen, params, batch):
-        _, metrics = loss_fn(params, frozen, batch, jax.random.PRNGKey(seed), objective_state)
+        with activation_sharding(mesh):
+            _, metrics = loss_fn(params, frozen, batch, jax.random.PRNGKey(seed), objective_state)
         w = metrics["tokens"].astype(jnp.float32)
         return {k: (v if k == "tokens" else w * v) for k, v in metrics.items()}
 
