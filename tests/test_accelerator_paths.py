@@ -135,3 +135,20 @@ def test_bf16_compute_on_fp32_master_weights_keeps_fp32_state_logits_and_loss(tm
             for a, b, p in zip(jax.tree.leaves(state.params), jax.tree.leaves(out["fp32"][0].params),
                                jax.tree.leaves(params))]
     assert min(same) > 0.8, same  # AdamW's first step is ~lr * sign(g): the bf16 gradients point the same way
+
+
+def test_accelerator_benchmark_tiny_runs_every_section():
+    """``experiments/benchmarks/accelerator.py --tiny`` (the GPU script's code on CPU-sized shapes) prints a
+    row for bandwidth, both decoders, the train step and both KD losses, and no section fails."""
+    import subprocess
+    import sys
+    res = subprocess.run([sys.executable, str(REPO / "experiments" / "benchmarks" / "accelerator.py"), "--tiny",
+                          "--repeats", "1"], capture_output=True, text=True, timeout=600,
+                         env={**__import__("os").environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = res.stdout
+    assert "FAILED" not in out, out
+    for row in ("HBM bandwidth (measured)", "decode plain b=2", "decode proxy-tuned b=2", "train step",
+                "KD loss plain", "KD loss chunked"):
+        assert row in out, out
+    assert float(out.split("HBM bandwidth (measured)")[1].split("GB/s")[0]) > 0
