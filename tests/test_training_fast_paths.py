@@ -336,3 +336,26 @@ def test_compiler_options_are_cpu_only():
     from proxytune_jax.xla_options import compiler_options
     fake = SimpleNamespace(devices=np.array([SimpleNamespace(platform="tpu")], dtype=object))
     assert compiler_options(fake) is None
+
+
+@pytest.mark.parametrize("window", [None, 9])
+def test_gpu_and_tpu_kernel_paths_equal_attend_on_cpu(window):
+    """The GPU path's layout logic (left pads rotated to cuDNN's right-aligned sequence lengths, causal, local
+    window) run through ``jax.nn.dot_product_attention``'s XLA implementation, and the TPU path's splash
+    attention in Pallas interpret mode, both on CPU: equal to ``attend`` on every real query. (The kernels
+    themselves run only on their hardware: unmeasured here.)"""
+    from proxytune_jax.models.attention import SelfMask, _attend_cudnn, _attend_splash
+    r = np.random.default_rng(0)
+    b, t, h, kv, d = 2, 128, 4, 2, 16
+    q = jnp.asarray(r.normal(size=(b, t, h, d)), jnp.float32)
+    k, v = (jnp.asarray(r.normal(size=(b, kv, t, d)), jnp.float32) for _ in range(2))
+    valid = np.ones((b, t), bool)
+    valid[1, :37] = False
+    mask = SelfMask(jnp.asarray(valid), jnp.asarray(np.maximum(np.cumsum(valid, 1) - 1, 0)), window)
+    ref = _numpy_attend(q, k, v, mask.dense(), 0.25)
+    gpu = np.asarray(_attend_cudnn(q, k, v, mask, 0.25, implementation="xla"))
+    np.testing.assert_allclose(gpu[valid], ref[valid], rtol=1e-5, atol=1e-5)
+    tpu = _attend_splash(q, k, v, mask, 0.25, interpret=True)
+    if tpu is None:
+        pytest.skip("splash attention does not import under this jax")
+    np.testing.assert_allclose(np.asarray(tpu)[valid], ref[valid], rtol=1e-5, atol=1e-5)

@@ -285,7 +285,7 @@ def _roll_rows(x: jax.Array, shift: jax.Array) -> jax.Array:
     return jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 2)), axis=1)
 
 
-def _attend_cudnn(q, k, v, mask: SelfMask, scale):
+def _attend_cudnn(q, k, v, mask: SelfMask, scale, implementation="cudnn"):
     """GPU: ``jax.nn.dot_product_attention(implementation="cudnn")``. cuDNN takes padding as right-aligned
     sequence lengths, so each left-padded row is rotated to put its real tokens first, attended with
     ``is_causal`` and its length (and ``local_window_size`` for a sliding window), and rotated back; pad
@@ -297,12 +297,12 @@ def _attend_cudnn(q, k, v, mask: SelfMask, scale):
     out = jax.nn.dot_product_attention(
         _roll_rows(q, pads), _roll_rows(kk, pads), _roll_rows(vv, pads), scale=scale, is_causal=True,
         query_seq_lengths=lengths, key_value_seq_lengths=lengths, local_window_size=window,
-        implementation="cudnn")  # [B, T, H, D]
+        implementation=implementation)  # [B, T, H, D]
     out = _roll_rows(out, -pads)
     return jnp.where(mask.key_valid[:, :, None, None], out, 0).astype(q.dtype)
 
 
-def _attend_splash(q, k, v, mask: SelfMask, scale):
+def _attend_splash(q, k, v, mask: SelfMask, scale, interpret=False):
     """TPU: splash attention (causal or local mask, padding as segment ids: pads segment 0, real tokens 1),
     vmapped over the batch; ``None`` when it does not import or T is not a multiple of its 128 block."""
     try:
@@ -316,7 +316,7 @@ def _attend_splash(q, k, v, mask: SelfMask, scale):
     g = h // k.shape[1]
     one = (sm.CausalMask((t, t)) if mask.window is None
            else sm.LocalMask((t, t), window_size=(mask.window - 1, 0), offset=0))
-    kernel = sk.make_splash_mha(sm.MultiHeadMask([one] * h), head_shards=1, q_seq_shards=1)
+    kernel = sk.make_splash_mha(sm.MultiHeadMask([one] * h), head_shards=1, q_seq_shards=1, interpret=interpret)
     qh = jnp.swapaxes(q * jnp.asarray(scale, q.dtype), 1, 2)  # [B, H, T, D]
     kh, vh = jnp.repeat(k, g, axis=1), jnp.repeat(v, g, axis=1)  # [B, H, T, D]
     seg = mask.key_valid.astype(jnp.int32)  # [B, T]
