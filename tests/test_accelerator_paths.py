@@ -152,3 +152,23 @@ def test_accelerator_benchmark_tiny_runs_every_section():
                 "KD loss plain", "KD loss chunked"):
         assert row in out, out
     assert float(out.split("HBM bandwidth (measured)")[1].split("GB/s")[0]) > 0
+
+
+def test_train_config_fields_for_remat_and_mixed_precision_are_validated(tmp_path):
+    """``model.remat`` and ``model.compute_dtype`` are checked on load (UserError naming the field), and a
+    run saved before these fields existed still resumes (missing = the defaults)."""
+    from proxytune_jax.errors import UserError
+    from proxytune_jax.training.config import ModelConfig, TrainConfig, DataConfig, check_resume_compatible
+
+    base = TrainConfig(model=ModelConfig(student="s"), data=DataConfig(train_file="t.jsonl"), steps=5)
+    base.validate()
+    dataclasses.replace(base, model=ModelConfig(student="s", compute_dtype="bfloat16", remat="full")).validate()
+    for bad, field in ((dict(compute_dtype="float16"), "compute_dtype"), (dict(remat="some"), "remat")):
+        with pytest.raises(UserError, match=field):
+            dataclasses.replace(base, model=ModelConfig(student="s", **bad)).validate()
+    saved = base.to_dict()
+    del saved["model"]["compute_dtype"], saved["model"]["remat"]
+    assert check_resume_compatible(saved, base, tmp_path) == []
+    with pytest.raises(UserError, match="compute_dtype"):
+        check_resume_compatible(saved, dataclasses.replace(base, model=ModelConfig(student="s",
+                                                                                  compute_dtype="bfloat16")), tmp_path)

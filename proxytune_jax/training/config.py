@@ -193,7 +193,8 @@ def _validate_gen_eval(g: GenEvalConfig, data: DataConfig) -> None:
 
 # Fields that may differ when a run is resumed (they do not change what has been computed so far).
 RESUMABLE_CHANGES = frozenset({"steps", "checkpoint.save_every", "checkpoint.keep", "log_every", "eval_every",
-                               "export", "mesh.data", "mesh.fsdp", "mesh.tensor", "steps_per_call"}
+                               "export", "mesh.data", "mesh.fsdp", "mesh.tensor", "steps_per_call",
+                               "model.remat"}  # remat recomputes, it changes no update
                               | {f"report.{f.name}" for f in dataclasses.fields(ReportConfig)}
                               | {f"gen_eval.{f.name}" for f in dataclasses.fields(GenEvalConfig)})
 
@@ -432,6 +433,9 @@ def check_resume_compatible(saved: dict, config: TrainConfig, workdir: Path) -> 
     return the names of harmless changed fields."""
     from_dict(saved)  # refuses the old flat format with its own message
     old, new = _flatten(saved), _flatten(config.to_dict())
+    for key, default in (("model.compute_dtype", ""), ("model.remat", "none")):  # runs saved before issue #23
+        if "model" in saved:
+            old.setdefault(key, default)
     changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
     bad = [k for k in changed if k not in RESUMABLE_CHANGES]
     if bad:
