@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import statistics
 import time
 import traceback
 
@@ -100,15 +99,16 @@ def decode_rows(S, bw, repeats):
         tps = {}
         for name, (models, rule) in decoders.items():
             dec = Decoder(models, rule)
-            run = lambda dec=dec, k=len(models): dec.generate([(prompt, mask)] * k, max_new_tokens=S["new"],  # noqa: E731
-                                                              stop=no_eos).tokens
+            def run(dec=dec, k=len(models)):
+                return dec.generate([(prompt, mask)] * k, max_new_tokens=S["new"], stop=no_eos).tokens
             sec = best_time(run, repeats)
             step = sec / S["new"]
             weights = 2 * (p_t + (2 * p_s if rule != "plain" else 0))
             kv = sum(2 * 2 * b * (S["prompt"] + S["new"] / 2) * m.config.num_hidden_layers
                      * m.config.num_key_value_heads * m.config.head_dim for m in models)
             tps[name] = b * S["new"] / sec
-            rows.append((f"decode {name} b={b}", f"{tps[name]:9.1f} tok/s   {(weights + kv) / bw / step:5.2f} of HBM roofline"))
+            roof = (weights + kv) / bw / step
+            rows.append((f"decode {name} b={b}", f"{tps[name]:9.1f} tok/s   {roof:5.2f} of HBM roofline"))
         rows.append((f"decode proxy/plain b={b}", f"{tps['plain'] / tps['proxy-tuned']:5.2f}x time per token "
                      f"(weights ratio {(p_t + 2 * p_s) / p_t:.2f})"))
     return rows
@@ -123,18 +123,18 @@ def train_rows(S, kind, repeats, remat):
     from proxytune_jax.training.step import make_train_step
 
     b, t, v = S["train_batch"], S["train_seq"], S["vocab"]
-    scfg = dataclasses.replace(small_llama_config(v, max_positions=t + 1, **S["student"]), remat=remat)
-    tcfg = small_llama_config(v, max_positions=t + 1, **S["teacher"])
+    scfg = dataclasses.replace(small_llama_config(v, max_positions=t, **S["student"]), remat=remat)
+    tcfg = small_llama_config(v, max_positions=t, **S["teacher"])
     g, params = split_params(init_model(scfg, seed=0))  # fp32 master weights
     tg, tparams = split_params(init_model(tcfg, seed=1, dtype=jnp.bfloat16))
     mesh = make_mesh(MeshConfig(), devices=jax.devices()[:1])
     opt = make_optimizer(OptimConfig(learning_rate=1e-4, total_steps=100))
     state = init_train_state(params, opt, rules=partition_rules(scfg), mesh=mesh)
-    step = make_train_step(OnlineDistillation(teacher="t", loss="forward_kl", ce_weight=0.1).loss_fn(g, {"teacher": tg}),
-                           opt, mesh, state_shardings=jax.tree.map(lambda x: x.sharding, state),
+    objective = OnlineDistillation(teacher="t", loss="forward_kl", ce_weight=0.1).loss_fn(g, {"teacher": tg})
+    step = make_train_step(objective, opt, mesh, state_shardings=jax.tree.map(lambda x: x.sharding, state),
                            frozen={"teacher": shard_tree(tparams, partition_rules(tcfg), mesh)},
                            compute_dtype=jnp.bfloat16)
-    ids = np.random.default_rng(0).integers(3, v, (b, t + 1)).astype(np.int32)
+    ids = np.random.default_rng(0).integers(3, v, (b, t)).astype(np.int32)  # T a multiple of 128 (kernels)
     batch = put_global_batch({"input_ids": ids, "attention_mask": np.ones_like(ids), "loss_mask": np.ones_like(ids)},
                              mesh)
     holder = {"state": state}
@@ -144,14 +144,14 @@ def train_rows(S, kind, repeats, remat):
         return m["loss"]
     sec = best_time(run, repeats)
     n_s, n_t = n_params(params), n_params(tparams)
-    attn = lambda c: c.num_hidden_layers * c.num_attention_heads * c.head_dim * (t + 1)  # noqa: E731
+    attn = lambda c: c.num_hidden_layers * c.num_attention_heads * c.head_dim * t  # noqa: E731
     flops_tok = 6 * n_s + 2 * n_t + 6 * attn(scfg) + 2 * attn(tcfg)
-    tps = b * (t + 1) / sec
+    tps = b * t / sec
     peak = peak_flops(kind)
     mfu = f"{tps * flops_tok / peak:.1%} MFU (peak {peak / 1e12:.0f} TFLOP/s bf16 for {kind!r})" if peak else \
         f"MFU n/a (no peak FLOP/s for {kind!r})"
     return [("train params", f"student {n_s / 1e6:.0f}M fp32 master / bf16 compute, teacher {n_t / 1e6:.0f}M bf16, "
-             f"B {b} T {t + 1}, remat {remat}"),
+             f"B {b} T {t}, remat {remat}"),
             ("train step", f"{sec * 1e3:9.1f} ms  {tps:9.0f} tok/s  {tps * flops_tok / 1e12:7.2f} TFLOP/s  {mfu}")]
 
 

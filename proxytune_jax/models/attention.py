@@ -148,10 +148,10 @@ def attend_blockwise(q: jax.Array, k: jax.Array, v: jax.Array, mask: SelfMask, s
     """Memory-lean causal attention (FlashAttention-2 equations in plain JAX), the portable default.
 
     q [B, T, H, D]; k, v [B, K, T, D] (heads first, H a multiple of K) -> [B, T, H, D] in q's dtype. Queries
-    and keys go in blocks of ``block`` (T padded up to a multiple); query block ``i`` visits key blocks
-    ``0..i`` (the causal triangle) with an online softmax in float32. Only the output and the log-sum-exp per
-    row are kept (``block`` defaults to ``BLOCK``) for the backward pass, which recomputes each block's probabilities: temporaries are
-    O(T · block) per layer instead of O(T²). A row with no allowed key (a left-pad query) outputs zeros and
+    and keys go in blocks of ``block`` (default ``BLOCK``; T padded up to a multiple); query block ``i`` visits
+    key blocks ``0..i`` (the causal triangle) with an online softmax in float32. Only the output and the
+    log-sum-exp per row are kept for the backward pass, which recomputes each block's probabilities:
+    temporaries are O(T · block) per layer instead of O(T²). A row with no allowed key (a left-pad query) outputs zeros and
     gets zero gradients (``attend`` gives it a uniform softmax instead; no real position ever reads it).
     """
     b, t, h, d = q.shape
