@@ -17,9 +17,9 @@ from jax.sharding import PartitionSpec as P
 from proxytune_jax.errors import UserError
 from proxytune_jax.models.attention import attend, attend_self
 from proxytune_jax.models.cache import KVCache
-from proxytune_jax.sharding import constrain_batch
 from proxytune_jax.models.layers import (AttentionLayout, CausalLM, Embed, LayerNorm, Linear, check_lengths,
                                          check_remat, heads_first, remat_block, root_key, split_key, write_kv)
+from proxytune_jax.sharding import constrain_batch
 
 ACTIVATIONS = {
     "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),

@@ -21,9 +21,9 @@ from jax.sharding import PartitionSpec as P
 from proxytune_jax.errors import UserError
 from proxytune_jax.models.attention import attend, attend_self
 from proxytune_jax.models.cache import KVCache
-from proxytune_jax.sharding import constrain_batch
 from proxytune_jax.models.layers import (AttentionLayout, CausalLM, Embed, Linear, RMSNorm, check_lengths,
                                          check_remat, heads_first, remat_block, root_key, split_key, write_kv)
+from proxytune_jax.sharding import constrain_batch
 
 MODEL_TYPES = ("llama", "mistral", "qwen2")
 ROPE_TYPES = ("default", "linear", "llama3")
