@@ -9,6 +9,8 @@ dropped to replication for that dimension, so the same rules run on 1 CPU, 8 sim
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import re
 from typing import Any, Sequence
@@ -19,6 +21,42 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")  # batches are split over data x fsdp
+
+# The mesh whose batch axes activations are constrained to while a step is traced (``activation_sharding``).
+_ACTIVATION_MESH: contextvars.ContextVar[Mesh | None] = contextvars.ContextVar("activation_mesh", default=None)
+
+
+@contextlib.contextmanager
+def activation_sharding(mesh: Mesh):
+    """Trace the block with ``constrain_batch`` active on ``mesh`` (the jitted train / eval steps do)."""
+    token = _ACTIVATION_MESH.set(mesh)
+    try:
+        yield
+    finally:
+        _ACTIVATION_MESH.reset(token)
+
+
+def constrain_replicated(x: jax.Array) -> jax.Array:
+    """``x`` constrained to be replicated while traced under ``activation_sharding`` (else ``x``): an embedding
+    table gathered whole (as FSDP gathers every weight) before a lookup whose rows follow the batch."""
+    mesh = _ACTIVATION_MESH.get()
+    if mesh is None or mesh.devices.size == 1:
+        return x
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P()))
+
+
+def constrain_batch(x: jax.Array) -> jax.Array:
+    """An activation ``x [B, ...]`` constrained to rows over ``data x fsdp`` and the other dims replicated (the
+    residual stream of a Megatron-style tensor-parallel block), while traced under ``activation_sharding``;
+    ``x`` itself otherwise, or when ``B`` does not divide over the batch axes. Without it, XLA's partitioner
+    may pick another layout for activations between the sharded matmuls and reshard them back."""
+    mesh = _ACTIVATION_MESH.get()
+    if mesh is None:
+        return x
+    ways = int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
+    if mesh.devices.size == 1 or x.shape[0] % ways:
+        return x
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(BATCH_AXES, *([None] * (x.ndim - 1)))))
 
 Rules = Sequence[tuple[str, P]]
 

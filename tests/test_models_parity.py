@@ -73,18 +73,18 @@ def test_left_padded_forward_matches_transformers(kind, tiny_checkpoint, torch_l
 @pytest.mark.parametrize("kind", ["llama", "mistral", "gpt2"])
 @pytest.mark.parametrize("blocks", [None, 3, 7])
 def test_causal_query_blocks_match_transformers(kind, blocks, tiny_checkpoint, torch_lm, monkeypatch):
-    """A pass without a cache uses ``attention.attend_causal`` (query blocks that skip the causal upper
+    """A pass without a cache uses ``cpu_backend.attend_causal`` (query blocks that skip the causal upper
     triangle). T = 50 gives ``causal_blocks(50) = 2`` blocks; 3 and 7 (uneven splits) are forced. Left padding
     (row 1: 17 pad tokens, so whole blocks of pad queries) and Mistral's window 4 included."""
-    from proxytune_jax.models import attention
+    from proxytune_jax.models import cpu_backend
     used = []
-    default = attention.causal_blocks
+    default = cpu_backend.causal_blocks
 
     def spy(t):
         used.append(blocks or default(t))
         return used[-1]
 
-    monkeypatch.setattr(attention, "causal_blocks", spy)
+    monkeypatch.setattr(cpu_backend, "causal_blocks", spy)
     path = tiny_checkpoint(kind)
     ids = random_ids(2, 50, seed=3)
     mask = np.ones((2, 50), np.int32)
@@ -93,6 +93,31 @@ def test_causal_query_blocks_match_transformers(kind, blocks, tiny_checkpoint, t
     graphdef, state = nnx.split(pj.load_pretrained(path))
     got = np.asarray(jax.jit(lambda st: nnx.merge(graphdef, st)(jnp.asarray(ids), jnp.asarray(mask, bool))[0])(state))
     assert used and set(used) == {blocks or 2}  # traced here, with the intended block count
+    real = mask.astype(bool)
+    np.testing.assert_allclose(got[real], ref[real], atol=ATOL, rtol=0)
+    assert np.isfinite(got).all()
+
+
+@pytest.mark.parametrize("kind", ["llama", "mistral", "gpt2"])
+def test_portable_blockwise_path_matches_transformers(kind, tiny_checkpoint, torch_lm, monkeypatch):
+    """The accelerator default (``backend.force("portable")``: einsum dense, ``attention.attend_blockwise``),
+    here with 16-row blocks so T = 50 spans 4 blocks (the last one padded); left padding (17 pads) and
+    Mistral's window 4 included."""
+    from proxytune_jax.models import attention, backend
+    monkeypatch.setattr(attention, "BLOCK", 16)
+    calls = []
+    real_blockwise = attention.attend_blockwise
+    monkeypatch.setattr(attention, "attend_blockwise", lambda *a, **k: calls.append(1) or real_blockwise(*a, **k))
+    path = tiny_checkpoint(kind)
+    ids = random_ids(2, 50, seed=5)
+    mask = np.ones((2, 50), np.int32)
+    mask[1, :17] = 0
+    ref = torch_logits(torch_lm(path), ids, mask)
+    graphdef, state = nnx.split(pj.load_pretrained(path))
+    with backend.force("portable"):
+        got = np.asarray(jax.jit(lambda st: nnx.merge(graphdef, st)(jnp.asarray(ids), jnp.asarray(mask, bool))[0])(
+            state))
+    assert calls  # traced through the blockwise attention
     real = mask.astype(bool)
     np.testing.assert_allclose(got[real], ref[real], atol=ATOL, rtol=0)
     assert np.isfinite(got).all()

@@ -137,7 +137,20 @@ def mesh_run(tiny_checkpoint, tmp_path_factory):
                          env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-4000:]
     line = [l for l in res.stdout.splitlines() if l.startswith("RESULT ")][-1]
-    return json.loads(line[len("RESULT "):])
+    return dict(json.loads(line[len("RESULT "):]), stderr=res.stderr)
+
+
+# What XLA's SPMD partitioner logs when a sharding it was given cannot be reached cheaply (issue #23).
+SHARDING_WARNINGS = ("involuntary full rematerialization", "full rematerialization", "resharding",
+                     "reshard ", "unable to reshard")
+
+
+def test_8_device_train_steps_compile_without_remat_or_resharding_warnings(mesh_run):
+    """Every compile of the run (single steps on the (data, fsdp, tensor) = (2, 2, 2) mesh, the multi-step
+    scan, checkpoint restores) logs no involuntary rematerialization or resharding: activations carry batch
+    sharding constraints (``sharding.activation_sharding``)."""
+    hits = [l for l in mesh_run["stderr"].splitlines() if any(w in l.lower() for w in SHARDING_WARNINGS)]
+    assert not hits, "\n".join(hits[:5])
 
 
 def test_8_devices_match_1_device_for_20_steps_of_online_distillation(mesh_run):

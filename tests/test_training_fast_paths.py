@@ -1,12 +1,12 @@
 """The speed paths of the train step compute exactly what the plain formulations compute.
 
-- ``layers.dense`` (hand-written VJP, used by every Linear and the LM head): value and gradients equal
+- ``cpu_backend.dense`` (hand-written VJP, used by every Linear and the LM head): value and gradients equal
   autodiff through the plain ``jnp.einsum``, for fp32 and bf16, with and without ``preferred_element_type``,
   on both sides of ``SMALL_BATCH_ROWS`` (few rows: the product is computed transposed).
 - ``attention.attend`` (hand-written VJP): value equals a NumPy softmax-attention formula and gradients equal
   autodiff through the plain einsum/where/softmax formulation, for MHA/GQA/MQA, left padding (query rows
   with no allowed key), sliding windows, decode shapes (T < S), fp32 and bf16; random masks (hypothesis).
-- ``attention.attend_causal`` (query blocks that skip the causal upper triangle): equals ``attend`` in value
+- ``cpu_backend.attend_causal`` (query blocks that skip the causal upper triangle): equals ``attend`` in value
   and gradients on every query row with an allowed key, for random masks inside the causal triangle, any
   block count (hypothesis), GQA and windows; pad rows stay finite with zero query gradient.
 - ``objectives.model_logits`` (last position dropped before the LM head) equals slicing the model's logits,
@@ -20,8 +20,9 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from proxytune_jax.models import layers
-from proxytune_jax.models.attention import MASK_VALUE, attend, attend_causal, causal_blocks
+from proxytune_jax.models import cpu_backend, layers
+from proxytune_jax.models.attention import MASK_VALUE, attend
+from proxytune_jax.models.cpu_backend import attend_causal, causal_blocks
 from proxytune_jax.models.llama import LlamaForCausalLM, small_llama_config
 from proxytune_jax.training.objectives import model_logits
 from proxytune_jax.training.state import split_params
@@ -31,7 +32,7 @@ def _plain_dense(x, w, out_dtype=None):
     return jnp.einsum("...i,oi->...o", x, w, preferred_element_type=out_dtype)
 
 
-@pytest.mark.parametrize("lead", [(1,), (3, 5), (2, layers.SMALL_BATCH_ROWS // 2), (3, 50)])
+@pytest.mark.parametrize("lead", [(1,), (3, 5), (2, cpu_backend.SMALL_BATCH_ROWS // 2), (3, 50)])
 @pytest.mark.parametrize("dtype,out_dtype,tol", [(jnp.float32, None, 1e-5), (jnp.float32, jnp.float32, 1e-5),
                                                  (jnp.bfloat16, None, 2e-2), (jnp.bfloat16, jnp.float32, 2e-2)])
 def test_dense_value_and_gradients_equal_plain_einsum(lead, dtype, out_dtype, tol):
@@ -43,10 +44,10 @@ def test_dense_value_and_gradients_equal_plain_einsum(lead, dtype, out_dtype, to
     def loss(f):
         return lambda x, w: jnp.sum(f(x, w, out_dtype).astype(jnp.float32) * c)
 
-    v_fast, g_fast = jax.jit(jax.value_and_grad(loss(layers.dense), argnums=(0, 1)))(x, w)
+    v_fast, g_fast = jax.jit(jax.value_and_grad(loss(cpu_backend.dense), argnums=(0, 1)))(x, w)
     v_ref, g_ref = jax.value_and_grad(loss(_plain_dense), argnums=(0, 1))(x, w)
-    assert layers.dense(x, w, out_dtype).dtype == _plain_dense(x, w, out_dtype).dtype
-    np.testing.assert_allclose(np.asarray(jax.jit(layers.dense, static_argnums=2)(x, w, out_dtype), np.float32),
+    assert cpu_backend.dense(x, w, out_dtype).dtype == _plain_dense(x, w, out_dtype).dtype
+    np.testing.assert_allclose(np.asarray(jax.jit(cpu_backend.dense, static_argnums=2)(x, w, out_dtype), np.float32),
                                np.asarray(_plain_dense(x, w, out_dtype), np.float32), rtol=tol, atol=tol)
     np.testing.assert_allclose(float(v_fast), float(v_ref), rtol=tol)
     for a, b, like in zip(g_fast, g_ref, (x, w)):
@@ -184,6 +185,33 @@ def test_attend_causal_equals_attend_for_random_causal_masks(seed, t, data):
     _causal_blocks_case(r, 2, t, 4, 2, 4, allowed, num_blocks)
 
 
+@pytest.mark.parametrize("t,block,window", [(50, 16, None), (50, 16, 5), (64, 64, None), (40, 128, 7)])
+def test_attend_blockwise_value_and_gradients_equal_references(t, block, window):
+    """The portable blockwise attention (online softmax, recomputing backward) vs the NumPy formula (value)
+    and autodiff of the textbook formulation (gradients), GQA 4/2, left padding (a row of 17 pads, a row with
+    one real token), causal and sliding-window masks, T not a multiple of the block."""
+    from proxytune_jax.models.attention import SelfMask, attend_blockwise
+    r = np.random.default_rng(t + block)
+    b, h, kv, d, scale = 3, 4, 2, 8, 0.3
+    q = jnp.asarray(r.normal(size=(b, t, h, d)), jnp.float32)
+    k, v = (jnp.asarray(r.normal(size=(b, kv, t, d)), jnp.float32) for _ in range(2))
+    valid = np.ones((b, t), bool)
+    valid[1, :17] = False
+    valid[2, :t - 1] = False
+    mask = SelfMask(jnp.asarray(valid), jnp.asarray(np.maximum(np.cumsum(valid, 1) - 1, 0)), window)
+    allowed = mask.dense()
+    g = jnp.asarray(r.normal(size=(b, t, h, d)), jnp.float32) * jnp.asarray(valid)[:, :, None, None]
+    out = jax.jit(lambda q, k, v: attend_blockwise(q, k, v, mask, scale, block))(q, k, v)
+    np.testing.assert_allclose(np.asarray(out)[valid], _numpy_attend(q, k, v, allowed, scale)[valid],
+                               rtol=1e-5, atol=1e-5)
+    assert np.all(np.asarray(out)[~valid] == 0)  # pad queries: zeros
+    grads = jax.jit(jax.grad(lambda q, k, v: jnp.sum(attend_blockwise(q, k, v, mask, scale, block) * g),
+                             argnums=(0, 1, 2)))(q, k, v)
+    refs = jax.grad(lambda q, k, v: jnp.sum(_plain_attend(q, k, v, allowed, scale) * g), argnums=(0, 1, 2))(q, k, v)
+    for a, ref in zip(grads, refs):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(ref), rtol=1e-5, atol=2e-5)
+
+
 def test_causal_blocks_and_attend_causal_errors():
     assert [causal_blocks(t) for t in (1, 8, 31, 32, 128, 512, 2048)] == [1, 1, 1, 2, 4, 8, 16]
     q = jnp.zeros((1, 4, 2, 8))
@@ -308,3 +336,26 @@ def test_compiler_options_are_cpu_only():
     from proxytune_jax.xla_options import compiler_options
     fake = SimpleNamespace(devices=np.array([SimpleNamespace(platform="tpu")], dtype=object))
     assert compiler_options(fake) is None
+
+
+@pytest.mark.parametrize("window", [None, 9])
+def test_gpu_and_tpu_kernel_paths_equal_attend_on_cpu(window):
+    """The GPU path's layout logic (left pads rotated to cuDNN's right-aligned sequence lengths, causal, local
+    window) run through ``jax.nn.dot_product_attention``'s XLA implementation, and the TPU path's splash
+    attention in Pallas interpret mode, both on CPU: equal to ``attend`` on every real query. (The kernels
+    themselves run only on their hardware: unmeasured here.)"""
+    from proxytune_jax.models.attention import SelfMask, _attend_cudnn, _attend_splash
+    r = np.random.default_rng(0)
+    b, t, h, kv, d = 2, 128, 4, 2, 16
+    q = jnp.asarray(r.normal(size=(b, t, h, d)), jnp.float32)
+    k, v = (jnp.asarray(r.normal(size=(b, kv, t, d)), jnp.float32) for _ in range(2))
+    valid = np.ones((b, t), bool)
+    valid[1, :37] = False
+    mask = SelfMask(jnp.asarray(valid), jnp.asarray(np.maximum(np.cumsum(valid, 1) - 1, 0)), window)
+    ref = _numpy_attend(q, k, v, mask.dense(), 0.25)
+    gpu = np.asarray(_attend_cudnn(q, k, v, mask, 0.25, implementation="xla"))
+    np.testing.assert_allclose(gpu[valid], ref[valid], rtol=1e-5, atol=1e-5)
+    tpu = _attend_splash(q, k, v, mask, 0.25, interpret=True)
+    if tpu is None:
+        pytest.skip("splash attention does not import under this jax")
+    np.testing.assert_allclose(np.asarray(tpu)[valid], ref[valid], rtol=1e-5, atol=1e-5)

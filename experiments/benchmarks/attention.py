@@ -6,6 +6,8 @@ timed, at the tiny teacher's attention shapes by default (B 8, H 4, K 2, D 32), 
 - ``autodiff``: the same masked softmax attention written plainly and differentiated by JAX (the reference
   the hand-written backward replaces);
 - ``attend``: the library's attention with its hand-written (FlashAttention-equation) backward, all keys;
+- ``blockwise n``: ``attention.attend_blockwise`` (the portable default: online softmax, recomputing
+  backward) with blocks of ``n`` rows; the CPU path switches to it from ``cpu_backend.BLOCKWISE_FROM`` queries;
 - ``causal n``: ``attend_causal`` with ``n`` query blocks (each block multiplies only the keys up to its own
   end); the row of ``causal_blocks(T)``, the count the library picks, is marked ``*``.
 
@@ -25,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from proxytune_jax.models import attention as A
+from proxytune_jax.models import cpu_backend as C
 
 
 def reference_attention(q, k, v, allowed, scale):
@@ -62,6 +65,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seq", type=int, nargs="+", default=[128, 512])
     ap.add_argument("--blocks", type=int, nargs="+", default=[2, 4, 8, 16])
+    ap.add_argument("--blockwise", type=int, nargs="*", default=[64, 128, 256],
+                    help="block sizes of attention.attend_blockwise rows (the portable path)")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--kv-heads", type=int, default=2)
@@ -84,13 +89,18 @@ def main(argv=None) -> int:
         call_args = (q, k, v, allowed) if args.forward_only else (q, k, v, allowed, g)
         rows = [("autodiff", lambda q, k, v, m: reference_attention(q, k, v, m, scale)),
                 ("attend", lambda q, k, v, m: A.attend(q, k, v, m, scale))]
+        self_mask = A.SelfMask(jnp.ones((b, t), bool), jnp.broadcast_to(jnp.arange(t), (b, t)))
+        for blk in args.blockwise:  # the portable path (mask from key_valid/positions: m is unused)
+            if blk <= t:
+                rows.append((f"blockwise {blk}",
+                             lambda q, k, v, m, blk=blk: A.attend_blockwise(q, k, v, self_mask, scale, blk)))
         for n in args.blocks:
             if 2 <= n <= t:
-                rows.append((f"causal {n}" + (" *" if n == A.causal_blocks(t) else ""),
-                             lambda q, k, v, m, n=n: A.attend_causal(q, k, v, m, scale, num_blocks=n)))
+                rows.append((f"causal {n}" + (" *" if n == C.causal_blocks(t) else ""),
+                             lambda q, k, v, m, n=n: C.attend_causal(q, k, v, m, scale, num_blocks=n)))
         results = [(name, timed(make(fn, args.forward_only), call_args, args.repeats)) for name, fn in rows]
         ref = dict(results)["attend"]
-        print(f"\nT {t} (causal_blocks(T) = {A.causal_blocks(t)})")
+        print(f"\nT {t} (causal_blocks(T) = {C.causal_blocks(t)})")
         for name, sec in results:
             print(f"  {name:<12} {sec * 1e3:8.2f} ms   {sec / ref:5.2f}x attend")
     return 0

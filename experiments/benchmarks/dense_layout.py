@@ -1,4 +1,4 @@
-"""Why ``models.layers.dense`` stores weights ``[out, in]`` and computes few-row products transposed.
+"""Why ``models.cpu_backend.dense`` stores weights ``[out, in]`` and computes few-row products transposed.
 
 A chain of ``--layers`` MLP blocks ``x + silu(x W1) W2`` (hidden ``--hidden``, mlp ``--mlp``, float32) is
 timed, jitted, for several row counts N (tokens per step: a decode step's batch, a prefill, a train batch),
@@ -6,7 +6,7 @@ three ways:
 
 - ``x @ W[in, out]``: flax's kernel layout, the plain product;
 - ``x @ W[out, in].T``: the PyTorch layout, the plain product (``einsum("ni,oi->no")``);
-- ``layers.dense``: the PyTorch layout through the library's ``dense`` (for N <= ``SMALL_BATCH_ROWS`` it
+- ``cpu_backend.dense``: the PyTorch layout through the library's ``dense`` (for N <= ``SMALL_BATCH_ROWS`` it
   computes ``W @ x.T -> [out, N]`` behind an ``optimization_barrier`` and transposes the small result).
 
 Prints best-of-``--repeats`` milliseconds, the weight-read rate (weight bytes / time) and ``dense``'s speed-up
@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from proxytune_jax.models import layers
+from proxytune_jax.models import cpu_backend
 
 
 def best_time(f, *args, repeats: int) -> float:
@@ -63,10 +63,10 @@ def main(argv=None) -> int:
     ways = {
         "x @ W[in, out]": (mlp_chain(lambda x, w: x @ w), flax_layout),
         "x @ W[out, in].T": (mlp_chain(lambda x, w: jnp.einsum("ni,oi->no", x, w)), torch_layout),
-        "layers.dense": (mlp_chain(layers.dense), torch_layout),
+        "cpu_backend.dense": (mlp_chain(cpu_backend.dense), torch_layout),
     }
     print(f"{args.layers} MLP blocks {d} x {f}, float32, weights {weight_bytes / 2**20:.0f} MiB, "
-          f"SMALL_BATCH_ROWS = {layers.SMALL_BATCH_ROWS}, devices {jax.devices()}")
+          f"SMALL_BATCH_ROWS = {cpu_backend.SMALL_BATCH_ROWS}, devices {jax.devices()}")
     print("| rows N | " + " | ".join(f"{name} ms (GB/s)" for name in ways) + " | dense / flax layout |")
     print("|---|" + "---|" * (len(ways) + 1))
     for n in args.rows:

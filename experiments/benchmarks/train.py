@@ -274,8 +274,8 @@ def main(argv=None) -> int:
     med = {n: statistics.median(w for w, _ in t[:args.steps]) for n, t in times.items()}
     cpu = {n: statistics.median(c for _, c in t[:args.steps]) for n, t in times.items()}
     print(f"online distillation step, size={args.size} (student {SIZES[args.size][0]['hidden_size']}x"
-          f"{SIZES[args.size][0]['num_hidden_layers']}, teacher {SIZES[args.size][1]['hidden_size']}x"
-          f"{SIZES[args.size][1]['num_hidden_layers']}), vocab {VOCAB}, batch {args.batch} x {args.seq}, "
+          f"{SIZES[args.size][0]['num_layers']}, teacher {SIZES[args.size][1]['hidden_size']}x"
+          f"{SIZES[args.size][1]['num_layers']}), vocab {VOCAB}, batch {args.batch} x {args.seq}, "
           f"{args.steps} timed calls per row in alternating blocks of {args.block}, {threads} cores (torch threads, "
           f"XLA:CPU pool); {tokens:.0f} real tokens per batch; every row in its own process")
     print(f"{'implementation':<42} {'first loss':>11} {'first call s':>13} {'median s/step':>14} "

@@ -15,10 +15,11 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from proxytune_jax.errors import UserError
-from proxytune_jax.models.attention import attend, attend_causal
+from proxytune_jax.models.attention import attend, attend_self
 from proxytune_jax.models.cache import KVCache
 from proxytune_jax.models.layers import (AttentionLayout, CausalLM, Embed, LayerNorm, Linear, check_lengths,
-                                         heads_first, root_key, split_key, write_kv)
+                                         check_remat, heads_first, remat_block, root_key, split_key, write_kv)
+from proxytune_jax.sharding import constrain_batch
 
 ACTIVATIONS = {
     "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
@@ -50,8 +51,12 @@ class GPT2Config:
     pad_token_id: int | None = None
     # EOS ids of the folder's generation_config.json; load_pretrained fills it. Not part of config.json.
     generation_eos_token_id: int | tuple[int, ...] | None = None
+    # Rematerialization of each block in passes without a KV cache: "none" | "matmuls" | "full"
+    # (layers.REMAT_POLICIES). Not part of config.json.
+    remat: str = "none"
 
     def __post_init__(self):
+        check_remat(self.remat, self.model_type)
         if self.activation_function not in ACTIVATIONS:
             raise UserError(f"gpt2: activation_function {self.activation_function!r} is not supported; "
                             f"supported: {sorted(ACTIVATIONS)}")
@@ -127,8 +132,8 @@ class GPT2Attention(nnx.Module):
         k, v = heads_first(k), heads_first(v)  # [B, H, T, Dh]
         if kv is not None:
             k, v = write_kv(kv[0], kv[1], k, v, write_at)  # [B, H, S, Dh]
-        if kv is None:  # no cache: keys are these T tokens, the mask is inside the causal triangle
-            out = attend_causal(q, k, v, allowed, scale=self.scale)  # [B, T, H, Dh]
+        if kv is None:  # no cache: keys are these T tokens, ``allowed`` is a SelfMask
+            out = attend_self(q, k, v, allowed, scale=self.scale)  # [B, T, H, Dh]
         else:
             out = attend(q, k, v, allowed, scale=self.scale)  # [B, T, H, Dh]
         return self.c_proj(out.reshape(b, t, d)), (k, v)
@@ -195,11 +200,15 @@ class GPT2LMHeadModel(CausalLM):
         b, t = input_ids.shape
         check_lengths(t, cache, self.config.max_position_embeddings, self.config.model_type)
         layout = AttentionLayout(attention_mask, b, t, cache)
-        x = self.transformer.wte(input_ids) + self.transformer.wpe(layout.positions)  # [B, T, D]
+        x = constrain_batch(self.transformer.wte(input_ids) + self.transformer.wpe(layout.positions))  # [B, T, D]
         ks, vs = [], []
         for i, block in enumerate(self.transformer.h):
-            kv = None if cache is None else (cache.k[i], cache.v[i])
-            x, (k, v) = block(x, layout.allowed, kv, layout.write_at)
+            if cache is None:  # training / scoring: blocks under the remat policy
+                x = constrain_batch(remat_block(lambda x, mask, block=block: block(x, mask)[0], self.config.remat)(
+                    x, layout.mask(None)))
+                continue
+            x, (k, v) = block(x, layout.mask(None), (cache.k[i], cache.v[i]), layout.write_at)
+            x = constrain_batch(x)
             ks.append(k)
             vs.append(v)
         return self.transformer.ln_f(x), layout.new_cache(ks, vs, t)

@@ -7,16 +7,16 @@ Activations run in the parameter dtype; norms, softmax and logits run in float32
 """
 from __future__ import annotations
 
-import functools
-import math
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from proxytune_jax.errors import UserError
+from proxytune_jax.models import backend, cpu_backend
+from proxytune_jax.models.attention import SelfMask
 from proxytune_jax.models.cache import KVCache, positions_from_mask
 from proxytune_jax.models.lora import LoraWeight, lora_dense
+from proxytune_jax.sharding import constrain_replicated
 
 def split_key(key: jax.Array | None, num: int) -> list[jax.Array | None]:
     """``num`` independent keys (or ``None``s when building shapes only)."""
@@ -35,52 +35,15 @@ def root_key(rngs: nnx.Rngs | None) -> jax.Array | None:
     return None if rngs is None else rngs.params()
 
 
-# Up to this many rows (tokens) a dense layer computes its output transposed (see ``dense``).
-SMALL_BATCH_ROWS = 128
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def dense(x: jax.Array, w: jax.Array, out_dtype=None) -> jax.Array:
-    """``x [..., I] @ w[O, I].T -> [..., O]`` (``preferred_element_type=out_dtype``), with a hand-written VJP.
+    """``x [..., I] @ w[O, I].T -> [..., O]`` (``preferred_element_type=out_dtype``).
 
-    Weights are stored ``[out, in]`` like PyTorch's ``Linear.weight``. With few rows (``<= SMALL_BATCH_ROWS``
-    tokens: decode steps) the product is computed as ``w @ x.T -> [O, N]`` and transposed afterwards
-    (an ``optimization_barrier`` keeps XLA from folding the transpose back into the product): XLA:CPU then
-    streams each weight row once, contiguous, against all ``N`` rows of ``x``. With one row, or many (training,
-    prefill), it is the plain ``einsum("...i,oi->...o")`` (at N = 1 that is already a contiguous matrix-vector
-    product). Few-row products are bound by reading the weights, so the layout that reads them contiguously
-    wins there; with many rows the matmul units dominate and the layouts tie. ``experiments/benchmarks/
-    dense_layout.py`` measures ``dense`` against ``x @ w[I, O]`` (flax's layout) for several row counts N in
-    one run and prints the speed-up.
-
-    Backward pass spelled out: ``dx = g @ w`` and ``dw = g_flat.T @ x_flat`` (``[N, O] x [N, I] -> [O, I]``).
-    JAX's generic ``dot_general`` transpose rule would produce ``dw`` transposed and make XLA:CPU materialize
-    the cotangent ``g`` transposed, fusing the whole elementwise producer of ``g`` (e.g. the softmax / KL
-    gradient of ``[B, T, V]`` logits) into a strided, cache-hostile write. Gradients are cast back to the
-    dtypes of ``x`` and ``w``. (Being a ``custom_vjp``, this supports reverse mode only, like every training
-    path of this library.)
+    Weights are stored ``[out, in]`` like PyTorch's ``Linear.weight``. The plain einsum on GPU/TPU (and the
+    portable path); on the CPU path ``cpu_backend.dense`` (transposed few-row products, a hand-written VJP).
     """
-    rows = math.prod(x.shape[:-1])
-    if 1 < rows <= SMALL_BATCH_ROWS:
-        xt = x.reshape(rows, x.shape[-1])  # [N, I]
-        yt = jnp.einsum("oi,ni->on", w, xt, preferred_element_type=out_dtype)  # [O, N]
-        return jax.lax.optimization_barrier(yt).T.reshape(*x.shape[:-1], w.shape[0])
+    if backend.current() == "cpu":
+        return cpu_backend.dense(x, w, out_dtype)
     return jnp.einsum("...i,oi->...o", x, w, preferred_element_type=out_dtype)
-
-
-def _dense_fwd(x, w, out_dtype):
-    return dense(x, w, out_dtype), (x, w)
-
-
-def _dense_bwd(out_dtype, residuals, g):
-    del out_dtype
-    x, w = residuals
-    dx = jnp.einsum("...o,oi->...i", g, w)  # [..., I]
-    dw = jnp.einsum("no,ni->oi", g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1]))  # [O, I]
-    return dx.astype(x.dtype), dw.astype(w.dtype)
-
-
-dense.defvjp(_dense_fwd, _dense_bwd)
 
 
 class Linear(nnx.Module):
@@ -110,7 +73,8 @@ class Embed(nnx.Module):
         self.embedding = nnx.Param(normal(key, (num, features), std, dtype))
 
     def __call__(self, ids: jax.Array) -> jax.Array:
-        return jnp.take(self.embedding[...], ids, axis=0)
+        # whole table (under a step's activation_sharding): the looked-up rows then follow the batch sharding
+        return jnp.take(constrain_replicated(self.embedding[...]), ids, axis=0)
 
 
 class RMSNorm(nnx.Module):
@@ -191,8 +155,12 @@ class AttentionLayout:
             query_slots = cache.length + jnp.arange(seq_len)
             key_slots = jnp.arange(cache.max_length)
             self.write_at = cache.length
-        # [B, T, S]: causal over slots and only real keys.
-        self.allowed = (key_slots[None, None, :] <= query_slots[None, :, None]) & self.key_valid[:, None, :]
+        self._query_slots, self._key_slots = query_slots, key_slots
+
+    @property
+    def allowed(self) -> jax.Array:
+        """[B, T, S]: causal over slots and only real keys."""
+        return (self._key_slots[None, None, :] <= self._query_slots[None, :, None]) & self.key_valid[:, None, :]
 
     def allowed_within(self, window: int | None) -> jax.Array:
         """[B, T, S] mask, additionally limited to the last ``window`` positions (sliding window)."""
@@ -201,10 +169,43 @@ class AttentionLayout:
         near = self.key_positions[:, None, :] > self.positions[:, :, None] - window
         return self.allowed & near
 
+    def mask(self, window: int | None):
+        """What a layer's attention takes: without a cache a ``SelfMask`` (no [B, T, T] materialized), with a
+        cache the explicit ``allowed_within(window)`` [B, T, S]."""
+        if self.cache is None:
+            return SelfMask(self.key_valid, self.positions, window)
+        return self.allowed_within(window)
+
     def new_cache(self, ks: list[jax.Array], vs: list[jax.Array], seq_len: int) -> KVCache | None:
         if self.cache is None:
             return None
         return KVCache(k=tuple(ks), v=tuple(vs), mask=self.key_valid, length=self.cache.length + seq_len)
+
+
+# ------------------------------------------------------------------------------------ rematerialization
+
+# ``remat`` of a model config -> the ``jax.checkpoint`` policy of each decoder block (None: no checkpoint).
+# "matmuls" keeps the outputs of the weight matmuls (dots without batch dimensions) and recomputes the rest
+# (norms, activations, attention); "full" keeps only each block's input.
+REMAT_POLICIES = {
+    "none": None,
+    "matmuls": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "full": jax.checkpoint_policies.nothing_saveable,
+}
+
+
+def check_remat(remat: str, model_name: str) -> None:
+    if remat not in REMAT_POLICIES:
+        raise UserError(f"{model_name}: remat {remat!r} is not one of {tuple(REMAT_POLICIES)}; "
+                        "pick 'none' (store activations), 'matmuls' (save matmul outputs) or 'full'")
+
+
+def remat_block(fn, remat: str):
+    """``fn`` (one decoder block's call without a KV cache: training, scoring) under the ``jax.checkpoint``
+    policy ``REMAT_POLICIES[remat]`` (``fn`` itself for "none")."""
+    if remat == "none":
+        return fn
+    return jax.checkpoint(fn, policy=REMAT_POLICIES[remat])
 
 
 def heads_first(x: jax.Array) -> jax.Array:

@@ -19,10 +19,11 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from proxytune_jax.errors import UserError
-from proxytune_jax.models.attention import attend, attend_causal
+from proxytune_jax.models.attention import attend, attend_self
 from proxytune_jax.models.cache import KVCache
 from proxytune_jax.models.layers import (AttentionLayout, CausalLM, Embed, Linear, RMSNorm, check_lengths,
-                                         heads_first, root_key, split_key, write_kv)
+                                         check_remat, heads_first, remat_block, root_key, split_key, write_kv)
+from proxytune_jax.sharding import constrain_batch
 
 MODEL_TYPES = ("llama", "mistral", "qwen2")
 ROPE_TYPES = ("default", "linear", "llama3")
@@ -72,8 +73,12 @@ class LlamaConfig:
     # EOS ids of the folder's generation_config.json (e.g. a chat model's end-of-turn token); load_pretrained
     # fills it, decoding stops on these too. Not part of config.json.
     generation_eos_token_id: TokenIds = None
+    # Rematerialization of each decoder block in passes without a KV cache (training, scoring):
+    # "none" | "matmuls" (save matmul outputs) | "full" (layers.REMAT_POLICIES). Not part of config.json.
+    remat: str = "none"
 
     def __post_init__(self):
+        check_remat(self.remat, self.model_type)
         if self.model_type not in MODEL_TYPES:
             raise UserError(f"LlamaConfig: model_type {self.model_type!r} is not one of {MODEL_TYPES}")
         if self.rope_type not in ROPE_TYPES:
@@ -287,8 +292,8 @@ class LlamaAttention(nnx.Module):
         k, v = heads_first(k), heads_first(v)  # [B, K, T, Dh]
         if kv is not None:
             k, v = write_kv(kv[0], kv[1], k, v, write_at)  # [B, K, S, Dh]
-        if kv is None:  # no cache: keys are these T tokens, the mask is inside the causal triangle
-            out = attend_causal(q, k, v, allowed, scale=self.head_dim ** -0.5)  # [B, T, H, Dh]
+        if kv is None:  # no cache: keys are these T tokens, ``allowed`` is a SelfMask
+            out = attend_self(q, k, v, allowed, scale=self.head_dim ** -0.5)  # [B, T, H, Dh]
         else:
             out = attend(q, k, v, allowed, scale=self.head_dim ** -0.5)  # [B, T, H, Dh]
         return self.o_proj(out.reshape(b, t, -1)), (k, v)
@@ -356,13 +361,18 @@ class LlamaForCausalLM(CausalLM):
         layout = AttentionLayout(attention_mask, b, t, cache)
         cos, sin = rope_cos_sin(layout.positions, rope_inv_freq(self.config))  # [B, T, Dh]
         windows = {self.config.window_of_layer(i) for i in range(self.config.num_hidden_layers)}
-        allowed = {w: layout.allowed_within(w) for w in windows}  # [B, T, S] per window size
+        allowed = {w: layout.mask(w) for w in windows}  # per window size: SelfMask or [B, T, S]
 
-        x = self.model.embed_tokens(input_ids)  # [B, T, D]
+        x = constrain_batch(self.model.embed_tokens(input_ids))  # [B, T, D]
         ks, vs = [], []
         for i, layer in enumerate(self.model.layers):
-            kv = None if cache is None else (cache.k[i], cache.v[i])
-            x, (k, v) = layer(x, cos, sin, allowed[self.config.window_of_layer(i)], kv, layout.write_at)
+            mask = allowed[self.config.window_of_layer(i)]
+            if cache is None:  # training / scoring: a backward pass may follow, blocks under the remat policy
+                block = remat_block(lambda x, mask, layer=layer: layer(x, cos, sin, mask)[0], self.config.remat)
+                x = constrain_batch(block(x, mask))
+                continue
+            x, (k, v) = layer(x, cos, sin, mask, (cache.k[i], cache.v[i]), layout.write_at)
+            x = constrain_batch(x)
             ks.append(k)
             vs.append(v)
         return self.model.norm(x), layout.new_cache(ks, vs, t)

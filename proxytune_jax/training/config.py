@@ -41,7 +41,13 @@ from proxytune_jax.training.optim import OptimConfig
 class ModelConfig:
     student: str = ""  # Hugging Face folder with the initial weights of the trained model
     tokenizer: str = ""  # folder for AutoTokenizer (default: the student's folder)
-    param_dtype: str = "float32"  # "float32" or "bfloat16" (params and optimizer moments)
+    param_dtype: str = "float32"  # "float32" or "bfloat16" (params and optimizer moments: the master copy)
+    # Mixed precision: the dtype the student computes in ("": param_dtype; "bfloat16" with param_dtype
+    # "float32": bf16 matmuls/activations on fp32 master weights and fp32 optimizer moments; the params are
+    # cast inside the step, gradients flow back in fp32; logits and losses stay float32).
+    compute_dtype: str = ""
+    # Rematerialization of the student's blocks (models.layers.REMAT_POLICIES): "none" | "matmuls" | "full".
+    remat: str = "none"
     # LoRA: train only an adapter (r, alpha, dropout, target_modules; models.lora) and export it in the PEFT
     # format; None trains every parameter. ``--set model.lora.r=8`` turns it on with the other defaults.
     lora: LoraConfig | None = None
@@ -124,6 +130,12 @@ class TrainConfig:
             raise UserError("config data.train_file is empty; set it to a JSONL file")
         if self.model.param_dtype not in ("float32", "bfloat16"):
             raise UserError(f"model.param_dtype must be 'float32' or 'bfloat16', got {self.model.param_dtype!r}")
+        if self.model.compute_dtype not in ("", "float32", "bfloat16"):
+            raise UserError(f"model.compute_dtype must be '' (= param_dtype), 'float32' or 'bfloat16', got "
+                            f"{self.model.compute_dtype!r}")
+        from proxytune_jax.models.layers import REMAT_POLICIES
+        if self.model.remat not in REMAT_POLICIES:
+            raise UserError(f"model.remat must be one of {tuple(REMAT_POLICIES)}, got {self.model.remat!r}")
         for name, value in (("steps", self.steps), ("data.batch_size", self.data.batch_size),
                             ("data.max_length", self.data.max_length),
                             ("checkpoint.save_every", self.checkpoint.save_every),
@@ -181,7 +193,8 @@ def _validate_gen_eval(g: GenEvalConfig, data: DataConfig) -> None:
 
 # Fields that may differ when a run is resumed (they do not change what has been computed so far).
 RESUMABLE_CHANGES = frozenset({"steps", "checkpoint.save_every", "checkpoint.keep", "log_every", "eval_every",
-                               "export", "mesh.data", "mesh.fsdp", "mesh.tensor", "steps_per_call"}
+                               "export", "mesh.data", "mesh.fsdp", "mesh.tensor", "steps_per_call",
+                               "model.remat"}  # remat recomputes, it changes no update
                               | {f"report.{f.name}" for f in dataclasses.fields(ReportConfig)}
                               | {f"gen_eval.{f.name}" for f in dataclasses.fields(GenEvalConfig)})
 
@@ -420,6 +433,9 @@ def check_resume_compatible(saved: dict, config: TrainConfig, workdir: Path) -> 
     return the names of harmless changed fields."""
     from_dict(saved)  # refuses the old flat format with its own message
     old, new = _flatten(saved), _flatten(config.to_dict())
+    for key, default in (("model.compute_dtype", ""), ("model.remat", "none")):  # runs saved before issue #23
+        if "model" in saved:
+            old.setdefault(key, default)
     changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
     bad = [k for k in changed if k not in RESUMABLE_CHANGES]
     if bad:

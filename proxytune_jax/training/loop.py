@@ -199,6 +199,9 @@ def train(config: TrainConfig, workdir: str | Path, *, mesh=None, progress: bool
 
     from proxytune_jax.models import partition_rules
     student = _load_model(student_dir, _dtype(config.model.param_dtype), "student")
+    if config.model.remat != "none":  # a static field of the graphdef: the student's blocks are checkpointed
+        student.config = dataclasses.replace(student.config, remat=config.model.remat)
+    compute_dtype = _dtype(config.model.compute_dtype) if config.model.compute_dtype else None
     graphdef, params = split_params(student)
     rules = partition_rules(student.config)
     student_config = student.config
@@ -268,10 +271,11 @@ def train(config: TrainConfig, workdir: str | Path, *, mesh=None, progress: bool
         loss_fn, generate = wrap_loss_fn(loss_fn, lora_cfg), wrap_generate(generate, lora_cfg)
     train_step = make_train_step(loss_fn, optimizer, mesh, state_shardings=shardings, frozen=frozen,
                                  grad_accum_steps=config.grad_accum_steps, learning_rate_fn=schedule,
-                                 update_extras=objective.update_state, generate=generate)
+                                 update_extras=objective.update_state, generate=generate,
+                                 compute_dtype=compute_dtype)
     multi_step = make_multi_step(train_step) if config.steps_per_call > 1 else None
     eval_step = (make_eval_step(loss_fn, mesh, params_shardings=shardings.params, frozen=frozen, seed=config.seed,
-                                state=extras) if eval_src else None)
+                                state=extras, compute_dtype=compute_dtype) if eval_src else None)
 
     reporter = Reporter(workdir, config.report, resumed_from=resumed_from, enabled=primary)
     profiler = StepProfiler(config.report.profile, workdir / "profile", start=start, enabled=primary)

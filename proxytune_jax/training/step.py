@@ -34,7 +34,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from proxytune_jax.errors import UserError
-from proxytune_jax.sharding import BATCH_AXES
+from proxytune_jax.sharding import BATCH_AXES, activation_sharding
 from proxytune_jax.training.state import TrainState
 from proxytune_jax.xla_options import compiler_options
 
@@ -106,8 +106,26 @@ def _weighted_value_and_grad(loss_fn: LossFn, params, frozen, batch, rng, extras
     return metrics["loss"], metrics, grads
 
 
+def with_compute_dtype(loss_fn: LossFn, compute_dtype=None) -> LossFn:
+    """Mixed precision: ``loss_fn`` evaluated on the trained params cast to ``compute_dtype`` (floating leaves
+    only; ``None``: unchanged). The params (the master weights) and so the gradients and optimizer moments keep
+    their own dtype: the cast's transpose brings the gradients back to it. Logits and losses are float32 by the
+    models' and losses' own contract."""
+    if compute_dtype is None:
+        return loss_fn
+    dtype = jnp.dtype(compute_dtype)
+
+    def cast(x):
+        return x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
+
+    def mixed(params, frozen, batch, rng, extras):
+        return loss_fn(jax.tree.map(cast, params), frozen, batch, rng, extras)
+    return mixed
+
+
 def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, mesh: Mesh, *,
                     state_shardings: TrainState, frozen: Any = None, grad_accum_steps: int = 1,
+                    compute_dtype=None,
                     learning_rate_fn: Callable | None = None,
                     update_extras: Callable[[dict, jax.Array, dict], dict] | None = None,
                     generate: Callable[[Any, Any, dict, jax.Array], dict] | None = None,
@@ -122,6 +140,7 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, me
       frozen: arrays the loss reads but does not train (teacher params), already placed on the mesh; their
         current shardings become the jit's ``in_shardings``.
       grad_accum_steps: micro-batches per optimizer step (see module docstring).
+      compute_dtype: mixed precision (``with_compute_dtype``): e.g. ``jnp.bfloat16`` on float32 params.
       learning_rate_fn: the schedule, only to report ``learning_rate`` in the metrics.
       update_extras: ``(extras, step, metrics) -> extras`` for objective state (default: unchanged).
       generate: ``(params, frozen, batch, rng) -> batch``: data the objective makes inside the step before the
@@ -133,12 +152,17 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, me
     """
     if grad_accum_steps < 1:
         raise UserError(f"grad_accum_steps must be >= 1, got {grad_accum_steps}")
+    loss_fn = with_compute_dtype(loss_fn, compute_dtype)
     frozen = {} if frozen is None else frozen
     frozen_shardings = jax.tree.map(lambda x: x.sharding, frozen)
     batch_sh = NamedSharding(mesh, P(BATCH_AXES))  # a prefix: every batch leaf split on its leading dim
     rep = NamedSharding(mesh, P())
 
     def step(frozen, state: TrainState, batch):
+        with activation_sharding(mesh):  # the models constrain activations to batch rows over data x fsdp
+            return _step(frozen, state, batch)
+
+    def _step(frozen, state: TrainState, batch):
         rng, step_rng = jax.random.split(state.rng)
         if generate is not None:
             gen_rng, step_rng = jax.random.split(step_rng)
@@ -195,17 +219,19 @@ class EvalStep:
 
 
 def make_eval_step(loss_fn: LossFn, mesh: Mesh, *, params_shardings: Any, frozen: Any = None,
-                   seed: int = 0, state: Any = None) -> EvalStep:
+                   seed: int = 0, state: Any = None, compute_dtype=None) -> EvalStep:
     """A jitted ``(params, batch) -> metrics`` without gradients. Each metric comes back multiplied by the
     batch's ``tokens`` so several batches add up; ``mean_metrics`` divides by the total. ``state``: the
     objective state the loss reads (its initial value; default none)."""
     objective_state = {} if state is None else state
+    loss_fn = with_compute_dtype(loss_fn, compute_dtype)
     frozen = {} if frozen is None else frozen
     frozen_shardings = jax.tree.map(lambda x: x.sharding, frozen)
     rep = NamedSharding(mesh, P())
 
     def evaluate(frozen, params, batch):
-        _, metrics = loss_fn(params, frozen, batch, jax.random.PRNGKey(seed), objective_state)
+        with activation_sharding(mesh):
+            _, metrics = loss_fn(params, frozen, batch, jax.random.PRNGKey(seed), objective_state)
         w = metrics["tokens"].astype(jnp.float32)
         return {k: (v if k == "tokens" else w * v) for k, v in metrics.items()}
 
