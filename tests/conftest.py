@@ -207,3 +207,15 @@ def toyworld_default(tmp_path_factory):
     root.mkdir(exist_ok=True)
     with FileLock(str(root / ".lock")):
         return build_toyworld(configs(False, 0).toyworld, root / "cache", progress=False, log=lambda *_: None)
+
+
+@pytest.fixture(scope="module")
+def fast_compiles():
+    """For modules of tiny models, where compile time dominates: XLA's optimizations turned down while the module
+    runs (``pytestmark = pytest.mark.usefixtures("fast_compiles")``)."""
+    import jax
+
+    before = jax.config.read("jax_disable_most_optimizations")
+    jax.config.update("jax_disable_most_optimizations", True)
+    yield
+    jax.config.update("jax_disable_most_optimizations", before)

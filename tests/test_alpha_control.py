@@ -23,13 +23,7 @@ V, EOS, N_NEW = 64, 2, 8
 PROMPTS = [[5, 9, 11, 40], [7], [33, 21, 8, 8, 60, 12]]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def fast_compiles():
-    """Tiny models: compile time dominates, so XLA's optimizations are turned down while these tests run."""
-    before = jax.config.read("jax_disable_most_optimizations")
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", before)
+pytestmark = pytest.mark.usefixtures("fast_compiles")
 
 
 @pytest.fixture(scope="module")

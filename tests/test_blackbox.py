@@ -26,13 +26,7 @@ PROMPTS = ["the quick brown fox", "proxy tuning", "hello world! answer:"]
 N_NEW = 6
 
 
-@pytest.fixture(scope="module", autouse=True)
-def fast_compiles():
-    """Tiny models: compile time dominates, so XLA's optimizations are turned down while these tests run."""
-    before = jax.config.read("jax_disable_most_optimizations")
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", before)
+pytestmark = pytest.mark.usefixtures("fast_compiles")
 
 
 @pytest.fixture(scope="module")

@@ -19,12 +19,7 @@ PROMPTS = ["the quick brown fox", "proxy tuning steers"]
 N_NEW = 5
 
 
-@pytest.fixture(scope="module", autouse=True)
-def fast_compiles():
-    before = jax.config.read("jax_disable_most_optimizations")
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", before)
+pytestmark = pytest.mark.usefixtures("fast_compiles")
 
 
 def second_tokenizer():

@@ -15,16 +15,9 @@ REPO = Path(__file__).resolve().parent.parent
 SCRIPTS = sorted(p.stem for p in (REPO / "experiments").glob("*.py") if not p.name.startswith("_"))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def fast_compiles():
-    import jax
-
-    if str(REPO) not in sys.path:
-        sys.path.insert(0, str(REPO))
-    before = jax.config.read("jax_disable_most_optimizations")
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", before)
+pytestmark = pytest.mark.usefixtures("fast_compiles")
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
 
 
 @pytest.fixture(scope="session")

@@ -324,6 +324,19 @@ def check_model_dir(flag: str, value: str) -> Path:
     return path
 
 
+def open_model_folders(args, flags):
+    """``(dirs, adapters, tokenizers, configs, names)`` of the model flags, without loading any weights: each
+    folder checked, its adapter folder, tokenizer and parsed config.json, and a display name per flag."""
+    from proxytune_jax.models import config_from_hf
+    dirs = [check_model_dir(f, v) for f, v in flags]
+    adapters = adapter_dirs(args, flags)
+    tokenizers = [load_tokenizer(f, d) for (f, _), d in zip(flags, dirs)]
+    configs = [config_from_hf(read_json_file(d / "config.json", what=f"{f} config",
+                                             fix="re-export the model or copy config.json again"))
+               for (f, _), d in zip(flags, dirs)]
+    return dirs, adapters, tokenizers, configs, [f"{f} {v}" for f, v in flags]
+
+
 def load_tokenizer(flag: str, path: Path):
     from transformers import AutoTokenizer
     try:
@@ -354,17 +367,10 @@ def run(args) -> int:
     rule = pick_rule(args)
     flags = model_flags(args, rule)
     fusion_params = parse_rule_params(args, rule)
-    dirs = [check_model_dir(f, v) for f, v in flags]
-    adapters = adapter_dirs(args, flags)
-    tokenizers = [load_tokenizer(f, d) for (f, _), d in zip(flags, dirs)]
+    dirs, adapters, tokenizers, configs, names = open_model_folders(args, flags)
 
     # Cheap checks on configs before loading weights: tokenizers agree, prompts fit the contexts.
     from proxytune_jax.decoding.vocab import align_vocabularies
-    from proxytune_jax.models import config_from_hf
-    configs = [config_from_hf(read_json_file(d / "config.json", what=f"{f} config",
-                                             fix="re-export the model or copy config.json again"))
-               for (f, _), d in zip(flags, dirs)]
-    names = [f"{f} {v}" for f, v in flags]
     align_vocabularies(tokenizers, [c.vocab_size for c in configs], names)
 
     import jax.numpy as jnp  # noqa: F401  (heavy imports only after the argument checks)
@@ -432,15 +438,8 @@ def run_blackbox(args, prompts, out_path: Path) -> int:
         raise UserError(f"--base-retries must be >= 0, got {args.base_retries}")
     fusion_params = parse_rule_params(args, "proxy_tuning")
     flags = [("--expert", args.expert[0]), ("--anti-expert", args.anti_expert[0])]
-    dirs = [check_model_dir(f, v) for f, v in flags]
-    adapters = adapter_dirs(args, flags)
-    tokenizers = [load_tokenizer(f, d) for (f, _), d in zip(flags, dirs)]
+    dirs, adapters, tokenizers, configs, names = open_model_folders(args, flags)
     from proxytune_jax.decoding.vocab import align_vocabularies
-    from proxytune_jax.models import config_from_hf
-    configs = [config_from_hf(read_json_file(d / "config.json", what=f"{f} config",
-                                             fix="re-export the model or copy config.json again"))
-               for (f, _), d in zip(flags, dirs)]
-    names = [f"{f} {v}" for f, v in flags]
     tok = tokenizers[0]
     if args.base_tokenizer:
         from proxytune_jax.models.hub import resolve_model_path
@@ -518,15 +517,8 @@ def run_cross_tokenizer(args, prompts, out_path: Path) -> int:
     flags = [("--expert", args.expert[0]), ("--anti-expert", args.anti_expert[0])]
     if not black:
         flags = [("--target", args.target)] + flags
-    dirs = [check_model_dir(f, v) for f, v in flags]
-    adapters = adapter_dirs(args, flags)
-    tokenizers = [load_tokenizer(f, d) for (f, _), d in zip(flags, dirs)]
+    dirs, adapters, tokenizers, configs, names = open_model_folders(args, flags)
     from proxytune_jax.decoding.vocab import align_vocabularies
-    from proxytune_jax.models import config_from_hf
-    configs = [config_from_hf(read_json_file(d / "config.json", what=f"{f} config",
-                                             fix="re-export the model or copy config.json again"))
-               for (f, _), d in zip(flags, dirs)]
-    names = [f"{f} {v}" for f, v in flags]
     align_vocabularies(tokenizers[-2:], [c.vocab_size for c in configs[-2:]], names[-2:])  # the pair: one tokenizer
     if black:
         from proxytune_jax.models.hub import resolve_model_path
