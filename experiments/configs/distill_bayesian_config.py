@@ -27,7 +27,8 @@ class DistillBayesianConfig:
         checkpoint=CheckpointConfig(save_every=100),
         steps=500, log_every=10)
     # the Bayesian student's objective (its proxy is set to the fine-tuned proxy by the script); the paper's
-    # values of n, γ, m, K, α, β are unverified (docs/methods.md §2.12)
+    # values of n, γ, m, K, α, β are not verified here (Chen et al. 2024, arXiv 2401.07013 v1; the formulas are in
+    # proxytune_jax.losses.bayesian)
     bayesian: Bayesian = Bayesian(ngram_n=3, gamma=2.0, posterior_bins=16, posterior_samples=8, alpha=0.5, beta=0.5)
     max_eval_examples: int | None = None
     eval_max_new_tokens: int = 512

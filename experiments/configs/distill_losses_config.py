@@ -13,7 +13,7 @@ class DistillLossesConfig:
     student: str = "checkpoints/gpt2-dolly-sft"  # GPT-2 base (124M), SFT-initialized
     train_data: str = "data/dolly/train.jsonl"  # databricks-dolly-15k records
     eval_data: str = "data/dolly/valid.jsonl"  # held-out records (MiniLLM holds out 500)
-    # (loss name, loss_params) -- every divergence of docs/methods.md §2 (proxytune_jax.losses.LOSSES); a
+    # (loss name, loss_params) -- every divergence registered in proxytune_jax.losses.LOSSES; a
     # hyperparameter not given keeps the loss's own default (temperature 1 for all of these)
     losses: tuple[tuple[str, tuple[tuple[str, float], ...]], ...] = (
         ("forward_kl", ()), ("reverse_kl", ()), ("js_divergence", ()), ("tv_distance", ()),

@@ -15,7 +15,7 @@ class SummarizationFusionConfig:
     max_examples: int | None = 1000
     max_article_words: int = 400  # keeps prompt + 100 new tokens within GPT-2's 1024 positions
     max_new_tokens: int = 100
-    # (rule, params) per fused setting; the defaults of docs/methods.md §1.5
+    # (rule, params) per fused setting: each rule's own defaults (proxytune_jax.decoding.fusion.FUSION_RULES)
     fusions: tuple[tuple[str, tuple[tuple[str, float], ...]], ...] = (
         ("small_large_direct", (("lam", 0.5),)),
         ("small_large_temperature", (("lam", 0.5), ("temperature", 2.0))),
