@@ -54,13 +54,10 @@ def open_atomic(path: str | os.PathLike, mode: str = "w", *, encoding: str | Non
     try:
         with open(tmp, mode, encoding=None if "b" in mode else encoding) as f:
             yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    commit(tmp, path)
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:

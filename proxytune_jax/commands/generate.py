@@ -324,6 +324,15 @@ def check_model_dir(flag: str, value: str) -> Path:
     return path
 
 
+def write_completions(out_path: Path, results) -> None:
+    """The output JSONL, one completion per line, written atomically (the old file stays on any error)."""
+    from proxytune_jax.atomic import open_atomic
+    with open_atomic(out_path) as f:
+        for r in results:
+            f.write(json.dumps(r.to_json(), ensure_ascii=False) + "\n")
+    print(f"wrote {len(results)} completions to {out_path}")
+
+
 def open_model_folders(args, flags):
     """``(dirs, adapters, tokenizers, configs, names)`` of the model flags, without loading any weights: each
     folder checked, its adapter folder, tokenizer and parsed config.json, and a display name per flag."""
@@ -397,11 +406,7 @@ def run(args) -> int:
                                analysis=args.analysis, encoded=encoded, progress=bar.update,
                                record_topk=args.topk if args.topk_cache is not None else 0)
 
-    from proxytune_jax.atomic import open_atomic
-    with open_atomic(out_path) as f:
-        for r in results:
-            f.write(json.dumps(r.to_json(), ensure_ascii=False) + "\n")
-    print(f"wrote {len(results)} completions to {out_path}")
+    write_completions(out_path, results)
     if args.topk_cache is not None:
         from proxytune_jax.training.recorded_teacher import answers_from_completions, write_teacher_cache
         cache, data, skipped = write_teacher_cache(answers_from_completions(results, gen.eos_ids), tokenizers[0],
@@ -463,11 +468,7 @@ def run_blackbox(args, prompts, out_path: Path) -> int:
     finally:
         if isinstance(base, blackbox.RecordingTopKBase):
             print(f"recorded {len(base.rows)} base answers to {base.save()}")
-    from proxytune_jax.atomic import open_atomic
-    with open_atomic(out_path) as f:
-        for r in results:
-            f.write(json.dumps(r.to_json(), ensure_ascii=False) + "\n")
-    print(f"wrote {len(results)} completions to {out_path}")
+    write_completions(out_path, results)
     return 0
 
 
@@ -540,9 +541,5 @@ def run_cross_tokenizer(args, prompts, out_path: Path) -> int:
         from proxytune_jax.decoding.blackbox import RecordingTopKBase
         if isinstance(base, RecordingTopKBase):
             print(f"recorded {len(base.rows)} base answers to {base.save()}")
-    from proxytune_jax.atomic import open_atomic
-    with open_atomic(out_path) as f:
-        for r in results:
-            f.write(json.dumps(r.to_json(), ensure_ascii=False) + "\n")
-    print(f"wrote {len(results)} completions to {out_path}")
+    write_completions(out_path, results)
     return 0
