@@ -454,7 +454,8 @@ class Decoder:
             raise UserError(f"record_topk must lie in [0, {self.vocab_size}], got {record_topk}")
         if speculative or drafter is not None or adaptive_speculative:
             from proxytune_jax.decoding import speculative as spec
-            spec.check_speculative(self, speculative, drafter, analysis=analysis, record_topk=record_topk)
+            spec.check_speculative(self.rule.name, len(self.graphdefs), speculative, has_drafter=drafter is not None,
+                                   analysis=analysis, record_topk=record_topk)
             return spec.generate(self, prompts, max_new_tokens=max_new_tokens, draft_len=speculative,
                                  drafter=drafter, drafter_prompt=drafter_prompt, adaptive=adaptive_speculative,
                                  fusion_params=fusion_params, sampling=sampling, stop=stop, seed=seed,

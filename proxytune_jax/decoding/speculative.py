@@ -260,7 +260,7 @@ _STATIC = ("graphdefs", "drafter_graphdef", "rule", "vocab_size", "max_new_token
            "pad_id", "groups")
 speculative_jit = jax.jit(speculative_loop, static_argnames=_STATIC, donate_argnames=("caches", "drafter_cache"))
 
-__all__ = ["EXTRA_SLOTS", "SpeculativeReport", "SpeculativeStats", "check_speculative", "default_drafter_index",
+__all__ = ["EXTRA_SLOTS", "SpeculativeReport", "SpeculativeStats", "check_drafter_vocab", "check_speculative", "default_drafter_index",
            "generate", "speculative_jit", "speculative_loop"]
 
 
@@ -331,24 +331,28 @@ def _separate_drafter(decoder, drafter):
     return graphdef, params, drafter.config, getattr(drafter, "dtype", jnp.float32)
 
 
-def check_speculative(decoder, draft_len, drafter, *, analysis=False, record_topk=0) -> None:
-    """UserErrors for what speculative decoding cannot do, each naming the fix."""
+def check_speculative(rule_name: str, num_models: int, draft_len, *, has_drafter: bool, analysis: bool = False,
+                      record_topk: int = 0) -> None:
+    """UserErrors for what speculative decoding cannot do, each naming the fix (no model needed: the command
+    calls it before loading weights)."""
     if isinstance(draft_len, bool) or not isinstance(draft_len, (int, np.integer)) or draft_len < 1:
         raise UserError(f"speculative draft length k must be an integer >= 1, got {draft_len!r}; pass e.g. "
                         "--speculative 4 (or leave it out for non-speculative decoding)")
-    name = decoder.rule.name
-    if name == "small_large_kl":
+    if rule_name == "small_large_kl":
         raise UserError("rule small_large_kl optimizes its logits per step and cannot verify drafted tokens; drop "
                         "--speculative or pick another rule")
     if analysis or record_topk:
         raise UserError("--analysis and --topk-cache record every decoding step, which speculative decoding skips; "
                         "drop --speculative to record them")
-    if drafter is None and len(decoder.graphdefs) == 1:
-        raise UserError(f"rule {name!r} decodes one model: speculative decoding needs a separate drafter "
+    if not has_drafter and num_models == 1:
+        raise UserError(f"rule {rule_name!r} decodes one model: speculative decoding needs a separate drafter "
                         "(--drafter DIR, a small model on the same tokenizer)")
-    if drafter is not None and int(drafter.config.vocab_size) < decoder.vocab_size:
+
+
+def check_drafter_vocab(drafter, vocab_size: int) -> None:
+    if int(drafter.config.vocab_size) < vocab_size:
         raise UserError(f"the drafter's vocabulary ({drafter.config.vocab_size} ids) does not cover the fused "
-                        f"models' shared range of {decoder.vocab_size} ids; pick a drafter on the same tokenizer")
+                        f"models' shared range of {vocab_size} ids; pick a drafter on the same tokenizer")
 
 
 def generate(decoder, prompts, *, max_new_tokens: int, draft_len: int, drafter=None, drafter_prompt=None,
@@ -359,7 +363,9 @@ def generate(decoder, prompts, *, max_new_tokens: int, draft_len: int, drafter=N
     model 0's, prompt), or its own prompt when it is one of the fused models."""
     import contextlib
     from proxytune_jax.decoding.engine import _to_host
-    check_speculative(decoder, draft_len, drafter)
+    check_speculative(decoder.rule.name, len(decoder.graphdefs), draft_len, has_drafter=drafter is not None)
+    if drafter is not None:
+        check_drafter_vocab(drafter, decoder.vocab_size)
     ids, masks, fp, sampling, stop, keys = decoder._inputs(prompts, fusion_params, sampling, stop, seed, row_ids)
     b = ids[0].shape[0]
     extra = draft_len + EXTRA_SLOTS
