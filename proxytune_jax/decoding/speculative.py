@@ -134,12 +134,13 @@ def _accept(fused, drafts, q, k_eff, sampling, key):
 
 def speculative_loop(graphdefs, params, prompt_ids, prompt_masks, caches, drafter_params, drafter_ids,
                      drafter_mask, drafter_cache, fusion_params, sampling: SamplingParams, stop: StopCriteria, key,
-                     *, drafter_graphdef, rule: str, vocab_size: int, max_new_tokens: int, draft_len: int,
-                     adaptive: bool = False, pad_id: int = 0, groups: tuple[tuple[int, ...], ...] | None = None):
+                     adaptive=False, *, drafter_graphdef, rule: str, vocab_size: int, max_new_tokens: int,
+                     draft_len: int, pad_id: int = 0, groups: tuple[tuple[int, ...], ...] | None = None):
     """Pure speculative decode (module doc). Fused models as in :func:`engine.decode_loop` (caches with
     ``L_i + max_new_tokens + draft_len + EXTRA_SLOTS`` slots); the drafter: ``drafter_params`` of
     ``drafter_graphdef``, its prompt ``drafter_ids``/``drafter_mask`` ``[B, L_d]`` and its own empty cache
-    (``L_d + max_new_tokens + draft_len + EXTRA_SLOTS`` slots). ``draft_len`` (K, static) >= 1.
+    (``L_d + max_new_tokens + draft_len + EXTRA_SLOTS`` slots). ``draft_len`` (K, static) >= 1; ``adaptive``
+    (a traced bool: both settings share one compiled program) adapts k per row.
     -> ``(DecodeOutput, SpeculativeStats, caches, drafter_cache)``."""
     n_models = len(graphdefs)
     groups = tuple((i,) for i in range(n_models)) if groups is None else groups
@@ -234,9 +235,9 @@ def speculative_loop(graphdefs, params, prompt_ids, prompt_masks, caches, drafte
         pending = jnp.where(live0, drafts[rows, jnp.maximum(k_eff - 1, 0)], pending)
         need = jnp.where(live0, all_in, need)
         last = jnp.where(live0, z, last)
-        if adaptive:
-            grown = jnp.where(all_in, jnp.minimum(k_eff + 1, k), k_eff)
-            k_eff = jnp.where(live0, jnp.where(2 * a < k_eff, jnp.maximum(k_eff - 1, 1), grown), k_eff)
+        grown = jnp.where(all_in, jnp.minimum(k_eff + 1, k), k_eff)
+        adapted = jnp.where(2 * a < k_eff, jnp.maximum(k_eff - 1, 1), grown)
+        k_eff = jnp.where(live0 & adaptive, adapted, k_eff)
         live_i = live0.astype(jnp.int32)
         stats = SpeculativeStats(rounds=stats.rounds + live_i, drafted=stats.drafted + live_i * k_round,
                                  accepted=stats.accepted + live_i * a)
@@ -256,8 +257,7 @@ def speculative_loop(graphdefs, params, prompt_ids, prompt_masks, caches, drafte
     return out, stats, tuple(final_caches), dc
 
 
-_STATIC = ("graphdefs", "drafter_graphdef", "rule", "vocab_size", "max_new_tokens", "draft_len", "adaptive",
-           "pad_id", "groups")
+_STATIC = ("graphdefs", "drafter_graphdef", "rule", "vocab_size", "max_new_tokens", "draft_len", "pad_id", "groups")
 speculative_jit = jax.jit(speculative_loop, static_argnames=_STATIC, donate_argnames=("caches", "drafter_cache"))
 
 __all__ = ["EXTRA_SLOTS", "SpeculativeReport", "SpeculativeStats", "check_drafter_vocab", "check_speculative", "default_drafter_index",
@@ -402,7 +402,7 @@ def generate(decoder, prompts, *, max_new_tokens: int, draft_len: int, drafter=N
             drafter_ids=d_ids, drafter_mask=d_mask, drafter_cache=d_cache, fusion_params=fp, sampling=sampling,
             stop=stop, key=keys, drafter_graphdef=graphdef, rule=decoder.rule.name,
             vocab_size=decoder.vocab_size, max_new_tokens=int(max_new_tokens), draft_len=int(draft_len),
-            adaptive=bool(adaptive), pad_id=int(pad_id), groups=decoder.groups)
+            adaptive=jnp.asarray(bool(adaptive)), pad_id=int(pad_id), groups=decoder.groups)
     result = _to_host(out)
     stats = jax.device_get(stats)
     result.speculative = SpeculativeReport(int(draft_len), np.asarray(stats.rounds), np.asarray(stats.drafted),
