@@ -12,7 +12,8 @@ Speed is not measured here: the toy models are dispatch-bound (see ``experiments
                                                [--out runs/toyworld_speculative] [--smoke]
 
 Reproduces: no paper table (speculative decoding: Leviathan et al. 2023, Chen et al. 2023; here verified
-against the fused proxy-tuning distribution). Hardware: a 2-core CPU, a few minutes per world once cached.
+against the fused proxy-tuning distribution). Hardware: a 2-core CPU, about a minute per world once cached.
+Mesh: one device.
 """
 from __future__ import annotations
 
