@@ -209,13 +209,23 @@ def toyworld_default(tmp_path_factory):
         return build_toyworld(configs(False, 0).toyworld, root / "cache", progress=False, log=lambda *_: None)
 
 
-@pytest.fixture(scope="module")
-def fast_compiles():
-    """For modules of tiny models, where compile time dominates: XLA's optimizations turned down while the module
-    runs (``pytestmark = pytest.mark.usefixtures("fast_compiles")``)."""
+def _optimizations_off():
     import jax
 
     before = jax.config.read("jax_disable_most_optimizations")
     jax.config.update("jax_disable_most_optimizations", True)
     yield
     jax.config.update("jax_disable_most_optimizations", before)
+
+
+@pytest.fixture(scope="module")
+def fast_compiles():
+    """For modules of tiny models, where compile time dominates: XLA's optimizations turned down while the module
+    runs (``pytestmark = pytest.mark.usefixtures("fast_compiles")``)."""
+    yield from _optimizations_off()
+
+
+@pytest.fixture
+def fast_compiles_one_test():
+    """``fast_compiles`` for one test of a module whose other tests keep XLA's optimizations."""
+    yield from _optimizations_off()

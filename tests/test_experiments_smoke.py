@@ -235,6 +235,31 @@ def test_toyworld_blackbox(tmp_path, quick_world_cache):
 
 def test_toyworld_speculative(tmp_path, quick_world_cache):
     r = run_smoke("toyworld_speculative", tmp_path, "--cache-dir", str(quick_world_cache))
-    assert set(r["rows"]) == {"proxy k=2 greedy", "proxy k=2 sampled", "plain k=2 greedy"}
+    assert set(r["rows"]) == {"proxy k=2 greedy", "proxy k=2 sampled", "proxy k=2 adaptive greedy",
+                              "proxy k=2 adaptive sampled", "plain k=2 greedy"}
     for row in r["rows"].values():  # (the script itself asserts greedy completions equal non-speculative ones)
         assert in_unit(row["acceptance"][0]) and 1.0 <= row["tokens_per_round"][0] <= 3.0
+    assert set(r["speed"]) == {"proxy k=2", "proxy k=2 adaptive"}
+    assert all(v["all"][0] > 0 and v["1"][0] > 0 for v in r["speed"].values())
+    for p in r["projection"]:  # bytes per token from the measured tokens per round (speculative_cost)
+        tau = r["rows"][f"proxy k=2 {p['mode']}"]["tokens_per_round"][0]
+        assert p["tokens_per_round"] == pytest.approx(tau) and p["cost"] == pytest.approx(p["break_even"] / tau)
+
+
+def test_speculative_cost_model_limits():
+    """The bytes-per-token model at its limits: a free drafter rejected every round costs what non-speculative
+    fused decoding costs; plain speculative decoding with a free drafter accepting everything costs 1/(K+1);
+    at the break-even tokens per round the cost is plain decoding's."""
+    sys.path.insert(0, str(REPO / "experiments" / "benchmarks"))
+    import speculative_cost as sc
+
+    base, pair = sc.PARAMS["Llama-2-13b"], [sc.PARAMS["Llama-2-7b"]] * 2
+    assert sc.speculative_cost(4, 1.0, base, pair, 0.0) == pytest.approx(sc.proxy_cost(base, pair))
+    assert sc.proxy_cost(base, pair) == pytest.approx(1 + 2 * 6.738 / 13.016, rel=1e-3)
+    assert sc.speculative_cost(3, 4.0, base, [], 0.0) == pytest.approx(0.25)
+    for k in (1, 2, 4, 8):
+        tau = sc.break_even_tokens_per_round(k, base, pair, sc.PARAMS["TinyLlama-1.1B"])
+        if tau <= k + 1:
+            assert sc.speculative_cost(k, tau, base, pair, sc.PARAMS["TinyLlama-1.1B"]) == pytest.approx(1.0)
+    with pytest.raises(ValueError):
+        sc.speculative_cost(2, 3.5, base, pair, 0.0)  # more than K + 1 tokens per round is impossible

@@ -3,6 +3,8 @@ all-masked batches (finite value or +inf where the divergence really is infinite
 gradient), and float hyperparameters traced under ``jit`` and ``vmap`` (equal to the Python-number call)."""
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -32,6 +34,12 @@ def test_empty_and_all_masked_batches_give_zero_with_a_zero_gradient(name):
         assert float(v) == 0.0 and g.shape == ss.shape and np.all(np.asarray(g) == 0.0), name
 
 
+@functools.lru_cache(maxsize=None)
+def _jitted_value_and_grad(name):
+    """value_and_grad of loss ``name`` in the student logits, jitted once (the examples share its shapes)."""
+    return jax.jit(jax.value_and_grad(lambda x, t, m: _call(name, x, t, m)))
+
+
 @settings(max_examples=12, deadline=None)
 @given(seed=st.integers(0, 2**31 - 1), keep_s=st.integers(1, V), keep_t=st.integers(1, V))
 def test_rows_with_few_finite_logits_have_finite_gradients(seed, keep_s, keep_t):
@@ -50,7 +58,7 @@ def test_rows_with_few_finite_logits_have_finite_gradients(seed, keep_s, keep_t)
     for name in FULL:
         if name in SLOW:
             continue
-        v, g = jax.value_and_grad(lambda x: _call(name, x, t, mask))(s)
+        v, g = _jitted_value_and_grad(name)(s, t, mask)
         assert not np.isnan(float(v)), name
         assert np.all(np.isfinite(np.asarray(g))), name
 

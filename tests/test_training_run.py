@@ -288,7 +288,8 @@ def test_cpu_devices_flag_splits_the_batch_over_cpu_devices(run_setup, tmp_path)
            "--set", "steps=6", "--set", "optim.warmup_steps=2", "--set", "checkpoint.save_every=3", "--set", "eval_every=0",
            "--set", "log_every=1",
            "--set", "steps_per_call=2", "--set", "export=false"]
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    # both runs with XLA's optimizations turned down (6 tiny steps: compile time dominates)
+    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_DISABLE_MOST_OPTIMIZATIONS="1")
     env.pop("XLA_FLAGS", None)
     out2 = subprocess.run(cmd + ["--cpu-devices", "2", "--workdir", str(tmp_path / "d2")], env=env,
                           capture_output=True, text=True, timeout=600)
@@ -324,6 +325,7 @@ def test_cpu_devices_refused_once_jax_has_started():
                                                      "objective.base=runs/tiny/teacher",
                                                      "objective.expert=runs/tiny/teacher",
                                                      "objective.anti_expert=runs/tiny/student"])])
+@pytest.mark.usefixtures("fast_compiles_one_test")  # a few steps each: compile time dominates
 def test_every_tiny_config_trains_from_the_cli(name, extra, tmp_path_factory, monkeypatch, capsys):
     """`experiments/configs/make_tiny.py` then `proxytune train --config <each tiny config>`: every objective of
     the examples runs end to end from the command line (a few steps each; the configs' relative paths)."""
