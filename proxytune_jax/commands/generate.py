@@ -4,7 +4,7 @@
         [--expert-chat-template] (--prompt TEXT | --prompts FILE.jsonl) --max-new-tokens N [--temperature 0]
         [--top-p 1.0] [--top-k 0] [--seed 0] [--batch-size 8] [--stop STR ...] [--analysis] --output OUT.jsonl
         [--topk-cache DIR [--topk 5]] [--expert-adapter DIR] [--anti-expert-adapter DIR] [--target-adapter DIR]
-        [--adapter-mode auto|unmerged|merged] [--alpha-schedule SPEC] [--alpha-gate SPEC]
+        [--adapter-mode auto|unmerged|merged] [--alpha-schedule SPEC] [--alpha-gate SPEC] [--placement SPEC]
     proxytune generate (--base-api URL --base-model NAME [--base-record FILE] | --base-replay FILE)
         [--base-topk 20] [--base-tail uniform|drop] [--base-tokenizer DIR] --expert DIR --anti-expert DIR ...
 
@@ -123,6 +123,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--analysis", action="store_true",
                         help="also write per-token analysis (each model's top-1, prob of the chosen token)")
     parser.add_argument("--output", required=True, help="output JSONL file")
+    parser.add_argument("--placement", default=None, metavar="SPEC",
+                        help="each model on its own device group, e.g. base=0-5:fsdp2xtensor3,expert=6,anti_expert=7 "
+                             "(ROLES=DEVICES[:MESH] per entry; roles joined by + share a group; default mesh: all "
+                             "of a group's devices on fsdp); the same tokens as one device, see decoding.placement")
     parser.add_argument("--topk-cache", dest="topk_cache", type=Path, default=None, metavar="DIR",
                         help="also write the fused distribution's top-k before every generated token as a teacher "
                              "cache for offline_topk, with its training file DIR/train.jsonl (e.g. distill the "
@@ -361,6 +365,9 @@ def run(args) -> int:
     out_path = Path(args.output)
     if not out_path.parent.exists():
         raise UserError(f"--output {out_path}: folder {out_path.parent} does not exist; create it first")
+    if args.placement is not None and (args.cross_tokenizer or args.base_api or args.base_replay):
+        raise UserError("--placement places local models of one tokenizer; drop it with --cross-tokenizer, "
+                        "--base-api or --base-replay")
     if getattr(args, "cross_tokenizer", False):
         return run_cross_tokenizer(args, prompts, out_path)
     if getattr(args, "base_api", None) or getattr(args, "base_replay", None):
@@ -376,6 +383,11 @@ def run(args) -> int:
     rule = pick_rule(args)
     flags = model_flags(args, rule)
     fusion_params = parse_rule_params(args, rule)
+    placement = args.placement
+    if placement is not None:  # checked before any weights load
+        import jax
+        from proxytune_jax.decoding.placement import parse_placement
+        parse_placement(placement, rule, len(flags), jax.device_count())
     dirs, adapters, tokenizers, configs, names = open_model_folders(args, flags)
 
     # Cheap checks on configs before loading weights: tokenizers agree, prompts fit the contexts.
@@ -397,7 +409,8 @@ def run(args) -> int:
                                 max_new_tokens=args.max_new_tokens)
 
     models = load_models(dirs, adapters, args.adapter_mode)
-    gen = TextGenerator(models, tokenizers, rule, chat_template=chat, names=names)  # every model's EOS ids
+    gen = TextGenerator(models, tokenizers, rule, chat_template=chat, names=names,  # every model's EOS ids
+                        placement=placement)
     n_batches = math.ceil(len(prompts) / args.batch_size)
     with tqdm(total=n_batches, desc="generate", unit="batch") as bar:
         results = gen.generate(prompts, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,

@@ -257,6 +257,7 @@ class PlacedDecoder(Decoder):
         if check_every < 1:
             raise UserError(f"check_every must be >= 1, got {check_every}")
         self.check_every = int(check_every)
+        self.steps_run = 0
         devices = list(devices if devices is not None else jax.devices())
         if isinstance(placement, str):
             placement = parse_placement(placement, self.rule, len(models), len(devices))
@@ -323,12 +324,14 @@ class PlacedDecoder(Decoder):
         state, done = fuse_first_jit(jax.device_put(logits, fuse_at), fp, sampling, stop, keys, **static)
 
         flag = None  # the all-finished flag of check_every steps ago, its host copy under way
+        self.steps_run = 0  # one-token steps dispatched (a diagnostic: the single-mesh loop runs max(num_tokens) - 1)
         for t in range(1, n):
             if t % self.check_every == 0:
                 if flag is not None and bool(flag):
                     break  # every row finished: the remaining steps would only record pad_id
                 flag = done
                 flag.copy_to_host_async()
+            self.steps_run += 1
             token = state[1]
             for gi, pg in enumerate(self.placed_groups):
                 out, caches[gi] = group_step_jit(pg.graphdefs, pg.params, jax.device_put(token, pg.replicated),
