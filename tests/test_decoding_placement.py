@@ -79,8 +79,8 @@ def test_generate_refuses_a_bad_placement_before_loading(tmp_path, capsys):
 
 
 API_SCRIPT = r'''
-import json
-import numpy as np, jax
+import dataclasses, json
+import numpy as np, jax, jax.numpy as jnp
 jax.config.update("jax_disable_most_optimizations", True)  # tiny models: compile time dominates
 assert jax.device_count() == 8, jax.device_count()
 from proxytune_jax.models import init_model, small_llama_config
@@ -106,7 +106,7 @@ assert w.addressable_shards[0].data.size * 6 == w.size  # the base's weights spl
 assert placed.placed_groups[1].params[0]["lm_head"]["weight"][...].sharding.device_set == {jax.devices()[6]}
 checked = []
 
-def same(kw, dec=placed, ref=single, rows_finish_early=False):
+def same(kw, dec=placed, ref=single):
     streams = batch[:len(ref.graphdefs)]
     a = ref.generate(streams, max_new_tokens=kw.pop("n", n), **kw)
     b = dec.generate(streams, max_new_tokens=a.tokens.shape[1], **kw)
@@ -122,23 +122,28 @@ def same(kw, dec=placed, ref=single, rows_finish_early=False):
     checked.append(a.tokens.tolist())
     return a, b
 
-free = make_stop_criteria([-5])  # no EOS: every row runs to max_new_tokens
-a, _ = same(dict(stop=free, analysis=True, record_topk=4, fusion_params={"alpha": 0.7}))
+def stop_at(ids):  # EOS ids padded to 4 entries: one stop shape, one compile for every case
+    stop = make_stop_criteria(ids)
+    return dataclasses.replace(stop, eos_ids=jnp.asarray((sorted(set(ids)) + [-1] * 4)[:4], jnp.int32))
+
+common = dict(analysis=True, record_topk=4, fusion_params={"alpha": 0.7})
+a, _ = same(dict(common, stop=stop_at([])))
 assert (a.finish_reason == LENGTH).all()
-# EOS: row r stops at its token 2 (or earlier where that id came sooner); every row is done long before n
-eos = sorted(set(a.tokens[:, 2].tolist()))
-a, _ = same(dict(stop=make_stop_criteria(eos), analysis=True, n=24, fusion_params={"alpha": 0.7}))
-assert a.num_tokens.max() <= 3 and placed.steps_run < 23, (a.num_tokens, placed.steps_run)
-same(dict(stop=free, n=1))
-same(dict(stop=free, sampling=SamplingParams.create(96, temperature=1.0, top_p=0.9), seed=7, row_ids=[3, 1, 4, 1]))
-same(dict(stop=free, sampling=SamplingParams.create(96, temperature=0.7, top_k=5), seed=1))
+# EOS: row r stops at its token 2 (or earlier where that id came sooner): every row is done long before n, and
+# the placed loop stops early too
+a, _ = same(dict(common, stop=stop_at(a.tokens[:, 2].tolist())))
+assert a.num_tokens.max() <= 3 and placed.steps_run < n - 1, (a.num_tokens, placed.steps_run)
+same(dict(common, stop=stop_at([]), sampling=SamplingParams.create(96, temperature=1.0, top_p=0.9), seed=7,
+          row_ids=[3, 1, 4, 1]))
+same(dict(common, stop=stop_at([]), sampling=SamplingParams.create(96, temperature=0.7, top_k=5), seed=1))
+same(dict(common, stop=stop_at([]), n=1))
 # the expert pair sharing one device group: one vmapped forward, as on one device
 pair = PlacedDecoder(models, "proxy_tuning", placement="base=0-3:data2xtensor2,expert+anti_expert=4-5")
 assert pair.placed_groups[1].groups == ((0, 1),)
-same(dict(stop=free, analysis=True), dec=pair)
+same(dict(common, stop=stop_at([])), dec=pair)
 # a 2-model rule (contrastive decoding: the expert is the large one), default fsdp meshes
 two = [models[0], models[1]]
-same(dict(stop=free, analysis=True, fusion_params={"lam": 0.5}), dec=PlacedDecoder(two, "contrastive",
+same(dict(analysis=True, stop=stop_at([]), fusion_params={"lam": 0.5}), dec=PlacedDecoder(two, "contrastive",
      placement="expert=0-3,amateur=4-7"), ref=Decoder(two, "contrastive"))
 print(json.dumps({"ok": True, "checked": len(checked)}))
 '''
@@ -147,3 +152,43 @@ print(json.dumps({"ok": True, "checked": len(checked)}))
 def test_placed_decoding_equals_one_device_on_8_devices(tmp_path):
     out = _run_8_devices(API_SCRIPT, tmp_path)
     assert out == {"ok": True, "checked": 7}
+
+
+# ------------------------------------------------------------------------------------------ 8 devices: CLI
+
+
+CLI_SCRIPT = r'''
+import json, sys
+import jax
+jax.config.update("jax_disable_most_optimizations", True)
+assert jax.device_count() == 8
+from proxytune_jax import cli
+target, expert, anti, prompts, out = sys.argv[1:6]
+
+def generate(name, *extra):
+    argv = ["generate", "--target", target, "--expert", expert, "--anti-expert", anti, "--expert-chat-template",
+            "--prompts", prompts, "--max-new-tokens", "8", "--batch-size", "2", "--alpha", "0.8", "--analysis",
+            "--output", f"{out}/{name}.jsonl", *extra]
+    assert cli.main(argv) == 0, name
+    return [json.loads(line) for line in open(f"{out}/{name}.jsonl")]
+
+free = generate("free")
+stop = next(r["completion"][1:3] for r in free if len(r["completion"].strip()) >= 3)
+one = generate("one", "--stop", stop)
+placed = generate("placed", "--stop", stop, "--placement", "base=0-5:fsdp3xtensor2,expert=6,anti_expert=7")
+for p, o in zip(placed, one):  # the same text and tokens; probabilities equal up to float rounding
+    pa, oa = p.pop("analysis"), o.pop("analysis")
+    assert p == o and pa["top1"] == oa["top1"] and pa["changed"] == oa["changed"], (p, o)
+    assert max(abs(x - y) for a, b in zip(pa["chosen_prob"], oa["chosen_prob"]) for x, y in zip(a, b)) < 1e-5
+assert len(placed) == len(one) == 3
+assert any(r["finish_reason"] == "stop" for r in one), one
+print(json.dumps({"ok": True, "rows": len(one)}))
+'''
+
+
+def test_generate_placement_writes_the_same_jsonl_on_8_devices(tiny_checkpoint, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ("the quick brown fox", "proxy", "hello")))
+    dirs = [tiny_checkpoint("llama", seed=20, num_hidden_layers=3), tiny_checkpoint("llama", seed=21),
+            tiny_checkpoint("llama", seed=22)]
+    assert _run_8_devices(CLI_SCRIPT, tmp_path, *dirs, prompts, tmp_path) == {"ok": True, "rows": 3}
