@@ -184,11 +184,6 @@ def group_step(graphdefs, params, token, caches, *, groups, vocab_size):
     return tuple(x[:, :vocab_size].astype(jnp.float32) for x in logits), tuple(new)
 
 
-_GROUP_STATIC = ("graphdefs", "groups", "vocab_size")
-group_prefill_jit = jax.jit(group_prefill, static_argnames=_GROUP_STATIC, donate_argnames=("caches",))
-group_step_jit = jax.jit(group_step, static_argnames=_GROUP_STATIC, donate_argnames=("caches",))
-
-
 def fuse_first(logits, fusion_params, sampling: SamplingParams, stop: StopCriteria, key, *, rule, vocab_size,
                max_new_tokens, analysis, pad_id, record_topk):
     """Token 0 from the prefill logits (in rule order) -> (state ``(t, token [B], record)``, all-finished flag)."""
@@ -224,19 +219,30 @@ fuse_next_jit = jax.jit(fuse_next, static_argnames=_FUSE_STATIC, donate_argnames
 # ------------------------------------------------------------------------------------------------- decoder
 
 
-@dataclasses.dataclass
 class _PlacedGroup:
-    """A device group ready to run: its models' graphdefs and (stacked, sharded) params on its mesh."""
+    """A device group ready to run: its models' (stacked, sharded) params on its mesh, and its prefill / step
+    jitted once with the graphdefs and the params' tree structure bound. Per token the step then takes a flat
+    tuple of arrays: no graphdef hashing or ``nnx.State`` flattening on the host for every dispatch (they cost
+    milliseconds per token in Python)."""
 
-    models: tuple[int, ...]  # model indices in rule order
-    groups: tuple[tuple[int, ...], ...]  # same-architecture runs, indices into ``models``
-    graphdefs: tuple[Any, ...]
-    params: tuple[Any, ...]  # one entry per run (engine.stack_groups)
-    mesh: Mesh
+    def __init__(self, models, groups, graphdefs, params, mesh: Mesh, vocab_size: int):
+        self.models = models  # model indices in rule order
+        self.groups = groups  # same-architecture runs, indices into ``models``
+        self.params = params  # one entry per run (engine.stack_groups)
+        self.mesh = mesh
+        self.replicated = NamedSharding(mesh, P())
+        self.leaves, treedef = jax.tree.flatten(params)
+        static = dict(groups=groups, vocab_size=vocab_size)
 
-    @property
-    def replicated(self) -> NamedSharding:
-        return NamedSharding(self.mesh, P())
+        def prefill(leaves, prompt_ids, prompt_masks, caches):
+            return group_prefill(graphdefs, jax.tree.unflatten(treedef, leaves), prompt_ids, prompt_masks, caches,
+                                 **static)
+
+        def step(leaves, token, caches):
+            return group_step(graphdefs, jax.tree.unflatten(treedef, leaves), token, caches, **static)
+
+        self.prefill = jax.jit(prefill, donate_argnums=3)
+        self.step = jax.jit(step, donate_argnums=2)
 
 
 class PlacedDecoder(Decoder):
@@ -276,8 +282,8 @@ class PlacedDecoder(Decoder):
             runs = (_find_groups(graphdefs, local) if group_same_architecture
                     else tuple((j,) for j in range(len(g.models))))
             self.placed_groups.append(_PlacedGroup(
-                models=g.models, groups=runs, graphdefs=graphdefs, mesh=mesh,
-                params=stack_groups(local, runs, mesh, [rules[i] for i in g.models])))
+                g.models, runs, graphdefs, stack_groups(local, runs, mesh, [rules[i] for i in g.models]), mesh,
+                self.vocab_size))
         # models run together share a prompt length (Decoder._inputs pads by self.groups)
         self.groups = tuple(tuple(pg.models[j] for j in run) for pg in self.placed_groups for run in pg.groups)
         self.params = None  # held per group in self.placed_groups
@@ -316,13 +322,13 @@ class PlacedDecoder(Decoder):
             g_ids = tuple(put(ids[i]) for i in pg.models)
             g_masks = tuple(put(masks[i]) for i in pg.models)
             g_caches = self._group_caches(pg, b, [ids[i].shape[1] + n for i in pg.models])
-            out, c = group_prefill_jit(pg.graphdefs, pg.params, g_ids, g_masks, g_caches, groups=pg.groups,
-                                       vocab_size=v)
+            out, c = pg.prefill(pg.leaves, g_ids, g_masks, g_caches)
             caches.append(c)
             for i, x in zip(pg.models, out):
                 logits[i] = x
         state, done = fuse_first_jit(jax.device_put(logits, fuse_at), fp, sampling, stop, keys, **static)
 
+        token_at = [pg.replicated for pg in self.placed_groups]
         flag = None  # the all-finished flag of check_every steps ago, its host copy under way
         self.steps_run = 0  # one-token steps dispatched (a diagnostic: the single-mesh loop runs max(num_tokens) - 1)
         for t in range(1, n):
@@ -332,10 +338,9 @@ class PlacedDecoder(Decoder):
                 flag = done
                 flag.copy_to_host_async()
             self.steps_run += 1
-            token = state[1]
+            tokens = jax.device_put([state[1]] * len(self.placed_groups), token_at)  # one batched copy
             for gi, pg in enumerate(self.placed_groups):
-                out, caches[gi] = group_step_jit(pg.graphdefs, pg.params, jax.device_put(token, pg.replicated),
-                                                 caches[gi], groups=pg.groups, vocab_size=v)
+                out, caches[gi] = pg.step(pg.leaves, tokens[gi], caches[gi])
                 for i, x in zip(pg.models, out):
                     logits[i] = x
             state, done = fuse_next_jit(jax.device_put(logits, fuse_at), fp, sampling, stop, keys, state, **static)
