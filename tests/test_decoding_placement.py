@@ -18,7 +18,7 @@ import sys
 
 import pytest
 
-from proxytune_jax.decoding.placement import DeviceGroup, model_names, parse_placement
+from proxytune_jax.decoding.placement import DeviceGroup, check_groups, model_names, parse_placement
 from proxytune_jax.errors import UserError
 
 
@@ -45,7 +45,9 @@ def test_parse_groups_meshes_and_shared_entries():
     assert groups == (DeviceGroup((0,), (0, 1, 2, 3), (1, 4, 1)), DeviceGroup((1, 2), (4, 5), (1, 2, 1)))
     assert parse_placement("expert=1,amateur=0:data1", "contrastive", 2, 2)[0].models == (0,)
     assert model_names("eft", 5) == ["base", "expert", "anti_expert", "expert2", "anti_expert2"]
-    assert len(parse_placement("base=0,expert=1,anti_expert=2,expert2=3,anti_expert2=4", "eft", 5, 5)) == 5
+    groups = parse_placement("base=0,expert=1,anti_expert=2,expert2=3,anti_expert2=4", "eft", 5, 5)
+    assert [g.models for g in groups] == [(0,), (1,), (2,), (3,), (4,)]
+    check_groups(groups, 5, 5)  # what parse_placement accepts, check_groups does
 
 
 @pytest.mark.parametrize("spec, devices, fix", [
@@ -63,6 +65,18 @@ def test_parse_groups_meshes_and_shared_entries():
 def test_bad_placements_name_the_fix(spec, devices, fix):
     with pytest.raises(UserError) as err:
         parse_placement(spec, "proxy_tuning", 3, devices)
+    assert fix in str(err.value)
+
+
+@pytest.mark.parametrize("groups, fix", [
+    ([DeviceGroup((0,), (0, 1), (1, 2, 1)), DeviceGroup((1,), (1,), (1, 1, 1))], "its own devices"),
+    ([DeviceGroup((0,), (0,), (1, 1, 1)), DeviceGroup((1,), (2,), (1, 1, 1))], "devices [0, 2]"),  # 2 devices
+    ([DeviceGroup((0,), (0,), (1, 1, 1))], "hold models [0]"),
+    ([DeviceGroup((0,), (0,), (1, 2, 1)), DeviceGroup((1,), (1,), (1, 1, 1))], "does not cover"),
+])
+def test_bad_device_groups_name_the_fix(groups, fix):
+    with pytest.raises(UserError) as err:
+        check_groups(groups, 2, 2)
     assert fix in str(err.value)
 
 

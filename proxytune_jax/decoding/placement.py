@@ -166,6 +166,23 @@ def parse_placement(spec: str, rule: str | fusion.FusionRule, num_models: int,
     return tuple(sorted(groups, key=lambda g: g.models[0]))
 
 
+def check_groups(groups: Sequence[DeviceGroup], num_models: int, num_devices: int) -> None:
+    """Device groups given directly (not parsed): every model in exactly one group, existing devices, no device in
+    two groups, each mesh covering its group's devices; UserError naming the fix otherwise."""
+    placed = sorted(i for g in groups for i in g.models)
+    if placed != list(range(num_models)):
+        raise UserError(f"the device groups hold models {placed}; put each of the {num_models} models in exactly "
+                        "one group")
+    devices = [d for g in groups for d in g.devices]
+    if any(not 0 <= d < num_devices for d in devices) or len(set(devices)) != len(devices):
+        raise UserError(f"the device groups use devices {devices}; give each group its own devices among the "
+                        f"{num_devices} that exist (0-{num_devices - 1})")
+    for g in groups:
+        if not g.devices or math.prod(g.mesh_shape) != len(g.devices):
+            raise UserError(f"device group of models {g.models}: mesh {g.mesh_shape} does not cover its "
+                            f"{len(g.devices)} devices; make (data, fsdp, tensor) multiply to {len(g.devices)}")
+
+
 # ------------------------------------------------------------------------------------------- jitted pieces
 
 
@@ -267,11 +284,9 @@ class PlacedDecoder(Decoder):
         devices = list(devices if devices is not None else jax.devices())
         if isinstance(placement, str):
             placement = parse_placement(placement, self.rule, len(models), len(devices))
-        self.placement = tuple(placement)
-        placed = sorted(i for g in self.placement for i in g.models)
-        if placed != list(range(len(models))):
-            raise UserError(f"placement must put every model in exactly one group, got models {placed} for "
-                            f"{len(models)} models")
+        else:
+            check_groups(placement, len(models), len(devices))
+        self.placement = tuple(sorted(placement, key=lambda g: min(g.models)))
         params = list(self.params)  # group_same_architecture=False: one entry per model
         rules = list(partition_rules) if partition_rules is not None else [partition_rules_of(m) for m in models]
         self.placed_groups = []
