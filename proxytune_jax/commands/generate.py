@@ -38,6 +38,9 @@ model and whether the combined top-1 differs from the target's. ``--topk-cache D
 distribution's top-k before every generated token as a teacher cache (``training.recorded_teacher``) and the
 training file of the completions, for ``offline_topk``: the proxy-tuned model distilled offline.
 
+``--placement base=0-5:fsdp2xtensor3,expert=6,anti_expert=7`` puts each model on its own device group
+(:mod:`proxytune_jax.decoding.placement`; the same tokens as without it).
+
 A black-box base (:mod:`proxytune_jax.decoding.blackbox`): ``--base-api URL --base-model NAME`` asks an
 OpenAI-compatible completions server for the base's top-k log-probs at every step (``--base-topk``, ≤ 20), the
 small pair runs locally; ``--base-record FILE`` keeps every answer and ``--base-replay FILE`` replays them without
