@@ -54,7 +54,7 @@ def test_every_script_is_covered():
     covered = {"proxy_tune_llama2", "summarization_fusion", "code_adaptation", "task_tuning",
                "distill_sinkd_glue", "distill_losses", "distill_first", "distill_bayesian", "toyworld_seeds",
                "sinkhorn_gradients", "toyworld_gkd", "toyworld_proxy_distill", "toyworld_lora_expert",
-               "toyworld_alpha_schedules", "toyworld_blackbox"}
+               "toyworld_alpha_schedules", "toyworld_blackbox", "toyworld_speculative"}
     assert set(SCRIPTS) <= covered, f"add a smoke test for {sorted(set(SCRIPTS) - covered)}"
     for name in SCRIPTS:
         doc = (REPO / "experiments" / f"{name}.py").read_text()
@@ -231,3 +231,10 @@ def test_toyworld_blackbox(tmp_path, quick_world_cache):
     assert acc["k=V uniform"] == pytest.approx(acc["full logits"])  # no truncation: the full-logit decode
     for name, s in r["summary"].items():
         assert s["diff_vs_full"] == [pytest.approx(acc[name] - acc["full logits"])]
+
+
+def test_toyworld_speculative(tmp_path, quick_world_cache):
+    r = run_smoke("toyworld_speculative", tmp_path, "--cache-dir", str(quick_world_cache))
+    assert set(r["rows"]) == {"proxy k=2 greedy", "proxy k=2 sampled", "plain k=2 greedy"}
+    for row in r["rows"].values():  # (the script itself asserts greedy completions equal non-speculative ones)
+        assert in_unit(row["acceptance"][0]) and 1.0 <= row["tokens_per_round"][0] <= 3.0

@@ -170,3 +170,17 @@ def test_bayesian_table_objective_adds_gold_ce_to_the_bayesian_term(tiny_batch):
     offline = dict(rows, posterior_ids=post.ids, posterior_probs=post.probs)
     loss2, _ = objective.loss_fn(graphdef, {})(nnx.to_pure_dict(state), {}, offline, jax.random.PRNGKey(99), {})
     np.testing.assert_allclose(float(loss2), float(want), rtol=2e-5)
+
+
+def test_world_cache_digest_follows_the_numerics(monkeypatch):
+    """A world trained under another compute path or older attention numerics is not reused."""
+    from proxytune_jax.models import attention, backend
+    from proxytune_jax.toyworld.build import ToyWorldConfig
+
+    cfg = ToyWorldConfig()
+    here = cfg.digest()
+    assert ToyWorldConfig().digest() == here  # deterministic
+    with backend.force("portable" if backend.current() != "portable" else "cpu"):
+        assert cfg.digest() != here
+    monkeypatch.setattr(attention, "NUMERICS_VERSION", attention.NUMERICS_VERSION + 1)
+    assert cfg.digest() != here

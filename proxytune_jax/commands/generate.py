@@ -5,6 +5,7 @@
         [--top-p 1.0] [--top-k 0] [--seed 0] [--batch-size 8] [--stop STR ...] [--analysis] --output OUT.jsonl
         [--topk-cache DIR [--topk 5]] [--expert-adapter DIR] [--anti-expert-adapter DIR] [--target-adapter DIR]
         [--adapter-mode auto|unmerged|merged] [--alpha-schedule SPEC] [--alpha-gate SPEC] [--placement SPEC]
+        [--speculative K [--drafter DIR] [--adaptive-speculative]]
     proxytune generate (--base-api URL --base-model NAME [--base-record FILE] | --base-replay FILE)
         [--base-topk 20] [--base-tail uniform|drop] [--base-tokenizer DIR] --expert DIR --anti-expert DIR ...
 
@@ -37,6 +38,11 @@ for a stop string, "length"); ``--analysis`` adds per-token top-1 ids, chosen-to
 model and whether the combined top-1 differs from the target's. ``--topk-cache DIR`` also writes the fused
 distribution's top-k before every generated token as a teacher cache (``training.recorded_teacher``) and the
 training file of the completions, for ``offline_topk``: the proxy-tuned model distilled offline.
+
+``--speculative K`` (:mod:`proxytune_jax.decoding.speculative`): a drafter (``--drafter DIR`` on the same
+tokenizer, default the smallest fused model, e.g. the expert) proposes K tokens per round and the fused models
+verify them in one forward each: the same greedy tokens and the same sampling distribution as without it; the
+acceptance rate is printed. ``--adaptive-speculative`` adapts K per row.
 
 ``--placement base=0-5:fsdp2xtensor3,expert=6,anti_expert=7`` puts each model on its own device group
 (:mod:`proxytune_jax.decoding.placement`; the same tokens as without it).
@@ -126,6 +132,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--analysis", action="store_true",
                         help="also write per-token analysis (each model's top-1, prob of the chosen token)")
     parser.add_argument("--output", required=True, help="output JSONL file")
+    spec = parser.add_argument_group("speculative decoding (the same greedy tokens / sampling distribution, fewer "
+                                     "large-model forwards)")
+    spec.add_argument("--speculative", type=int, default=None, metavar="K",
+                      help="a drafter proposes K tokens per round, the fused models verify them in one forward")
+    spec.add_argument("--drafter", default=None, metavar="DIR",
+                      help="the drafter model (same tokenizer); default: the smallest fused model, e.g. the expert "
+                           "(needed for plain decoding of --target)")
+    spec.add_argument("--adaptive-speculative", dest="adaptive_speculative", action="store_true",
+                      help="adapt K per row: +1 after a fully accepted round, -1 after one accepting < K/2")
     parser.add_argument("--placement", default=None, metavar="SPEC",
                         help="each model on its own device group, e.g. base=0-5:fsdp2xtensor3,expert=6,anti_expert=7 "
                              "(ROLES=DEVICES[:MESH] per entry; roles joined by + share a group; default mesh: all "
@@ -183,6 +198,18 @@ def check_numbers(args) -> None:
             raise UserError(f"--topk must be >= 1, got {args.topk}")
         if (args.topk_cache / "index.json").exists():
             raise UserError(f"--topk-cache {args.topk_cache} already holds a cache; choose a new folder")
+
+
+def check_speculative_args(args, rule: str, n_models: int) -> None:
+    """--speculative / --drafter / --adaptive-speculative checked before any model loads."""
+    k = getattr(args, "speculative", None)
+    if k is None:
+        if getattr(args, "drafter", None) or getattr(args, "adaptive_speculative", False):
+            raise UserError("--drafter and --adaptive-speculative go with --speculative K (e.g. --speculative 4)")
+        return
+    from proxytune_jax.decoding.speculative import check_speculative
+    check_speculative(rule, n_models, k, has_drafter=bool(args.drafter), analysis=args.analysis,
+                      record_topk=args.topk if args.topk_cache is not None else 0)
 
 
 def pick_rule(args) -> str:
@@ -368,6 +395,10 @@ def run(args) -> int:
     out_path = Path(args.output)
     if not out_path.parent.exists():
         raise UserError(f"--output {out_path}: folder {out_path.parent} does not exist; create it first")
+    other = ("--cross-tokenizer" if getattr(args, "cross_tokenizer", False) else
+             "a black-box base" if getattr(args, "base_api", None) or getattr(args, "base_replay", None) else None)
+    if other and (getattr(args, "speculative", None) is not None or getattr(args, "drafter", None)):
+        raise UserError(f"--speculative works with local models only, not with {other}; drop --speculative")
     if args.placement is not None and (args.cross_tokenizer or args.base_api or args.base_replay):
         raise UserError("--placement places local models of one tokenizer; drop it with --cross-tokenizer, "
                         "--base-api or --base-replay")
@@ -386,8 +417,12 @@ def run(args) -> int:
     rule = pick_rule(args)
     flags = model_flags(args, rule)
     fusion_params = parse_rule_params(args, rule)
+    check_speculative_args(args, rule, len(flags))
     placement = args.placement
     if placement is not None:  # checked before any weights load
+        if args.speculative is not None:
+            raise UserError("--speculative runs every model in one program over one mesh; drop --placement or "
+                            "--speculative")
         import jax
         from proxytune_jax.decoding.placement import parse_placement
         parse_placement(placement, rule, len(flags), jax.device_count())
@@ -395,7 +430,17 @@ def run(args) -> int:
 
     # Cheap checks on configs before loading weights: tokenizers agree, prompts fit the contexts.
     from proxytune_jax.decoding.vocab import align_vocabularies
-    align_vocabularies(tokenizers, [c.vocab_size for c in configs], names)
+    shared = align_vocabularies(tokenizers, [c.vocab_size for c in configs], names).size
+    drafter_dir = drafter_tok = None
+    if getattr(args, "drafter", None):
+        from proxytune_jax.decoding.pipeline import check_drafter_tokenizer
+        from proxytune_jax.models import config_from_hf
+        drafter_dir = check_model_dir("--drafter", args.drafter)
+        drafter_tok = load_tokenizer("--drafter", drafter_dir)
+        drafter_cfg = config_from_hf(read_json_file(drafter_dir / "config.json", what="--drafter config",
+                                                    fix="re-export the model or copy config.json again"))
+        check_drafter_tokenizer(tokenizers[0], names[0], drafter_tok, f"--drafter {args.drafter}",
+                                int(drafter_cfg.vocab_size), shared)
 
     import jax.numpy as jnp  # noqa: F401  (heavy imports only after the argument checks)
     from tqdm import tqdm
@@ -412,7 +457,9 @@ def run(args) -> int:
                                 max_new_tokens=args.max_new_tokens)
 
     models = load_models(dirs, adapters, args.adapter_mode)
+    drafter = load_models([drafter_dir], [None])[0] if drafter_dir is not None else None
     gen = TextGenerator(models, tokenizers, rule, chat_template=chat, names=names,  # every model's EOS ids
+                        drafter=drafter, drafter_tokenizer=drafter_tok, drafter_name=f"--drafter {args.drafter}",
                         placement=placement)
     n_batches = math.ceil(len(prompts) / args.batch_size)
     with tqdm(total=n_batches, desc="generate", unit="batch") as bar:
@@ -420,9 +467,15 @@ def run(args) -> int:
                                fusion_params=fusion_params, temperature=args.temperature, top_k=args.top_k,
                                top_p=args.top_p, seed=args.seed, stop_strings=args.stop,
                                analysis=args.analysis, encoded=encoded, progress=bar.update,
-                               record_topk=args.topk if args.topk_cache is not None else 0)
+                               record_topk=args.topk if args.topk_cache is not None else 0,
+                               speculative=args.speculative or 0, adaptive_speculative=args.adaptive_speculative)
 
     write_completions(out_path, results)
+    if gen.speculative_report is not None:
+        rep = gen.speculative_report
+        print(f"speculative k={rep.draft_len}{' (adaptive)' if args.adaptive_speculative else ''}: acceptance "
+              f"{rep.acceptance_rate:.3f} ({int(rep.accepted.sum())}/{int(rep.drafted.sum())} draft tokens), "
+              f"{rep.tokens_per_round:.2f} tokens per round")
     if args.topk_cache is not None:
         from proxytune_jax.training.recorded_teacher import answers_from_completions, write_teacher_cache
         cache, data, skipped = write_teacher_cache(answers_from_completions(results, gen.eos_ids), tokenizers[0],

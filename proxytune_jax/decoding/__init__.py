@@ -9,7 +9,9 @@
 Modules: :mod:`fusion` (rules by name), :mod:`sampling`, :mod:`stopping`, :mod:`vocab`, :mod:`prompts`,
 :mod:`engine` (the jitted loop), :mod:`pipeline` (text in / text out, used by ``proxytune generate``),
 :mod:`alpha_control` (per-token α: schedules and gates), :mod:`blackbox` (a base known only by its top-k:
-local, OpenAI-compatible API, record / replay), :mod:`placement` (each model on its own device group).
+local, OpenAI-compatible API, record / replay), :mod:`speculative` (a drafter proposes k tokens, the fused models
+verify them in one forward: ``Decoder.generate(..., speculative=k)``), :mod:`placement` (each model on its own
+device group).
 """
 from proxytune_jax.decoding.engine import DecodeOutput, DecodeResult, Decoder, decode_jit, decode_loop
 from proxytune_jax.decoding.fusion import FUSION_RULES, FusionRule, combine, get_rule, register, resolve_params

@@ -68,10 +68,10 @@ class DecodeOutput:
     topk_logp: jax.Array | None = None
 
 
-def _forward(graphdef, params, ids, mask, cache):
+def _forward(graphdef, params, ids, mask, cache, last_only=True):
     model = nnx.merge(graphdef, params)
     logits, cache = model(ids, mask, cache)
-    return logits[:, -1, :], cache  # [B, V_i]
+    return (logits[:, -1, :] if last_only else logits), cache  # [B, V_i] (last_only) or [B, T, V_i]
 
 
 _CACHE_AXES = KVCache(k=0, v=0, mask=0, length=None)  # a group's caches share one write cursor
@@ -89,32 +89,33 @@ def unstack_cache(cache: KVCache, n: int) -> list[KVCache]:
                     length=cache.length) for j in range(n)]
 
 
-def _group_forward(graphdef, params, ids, mask, cache, *, shared_input: bool):
+def _group_forward(graphdef, params, ids, mask, cache, *, shared_input: bool, last_only: bool = True):
     """Forward of a group of same-architecture models as one ``vmap`` over a stacked leading model axis
     (``params`` and ``cache`` stacked). One set of (batched) matmuls instead of one per model: fewer ops per
     step, the same bytes read. -> (logits [G, B, V], stacked cache)."""
     in_axes = (0, None if shared_input else 0, None if shared_input else 0, _CACHE_AXES)
-    f = jax.vmap(functools.partial(_forward, graphdef), in_axes=in_axes, out_axes=(0, _CACHE_AXES))
+    f = jax.vmap(functools.partial(_forward, graphdef, last_only=last_only), in_axes=in_axes,
+                 out_axes=(0, _CACHE_AXES))
     return f(params, ids, mask, cache)
 
 
-def _run_groups(graphdefs, params, groups, ids, masks, caches, *, shared_input):
+def _run_groups(graphdefs, params, groups, ids, masks, caches, *, shared_input, last_only=True):
     """Forward every model (grouped ones vmapped together); ids/masks per model, or one shared pair.
     ``caches`` has one entry per group (stacked for a group of several models), and so has the result.
-    -> (per-model logits list, per-group caches)."""
+    -> (per-model logits list ([B, V_i], or [B, T, V_i] with ``last_only=False``), per-group caches)."""
     logits, new_caches = [None] * len(graphdefs), []
     for gi, members in enumerate(groups):
         if len(members) == 1:
             (i,) = members
             x, m = (ids, masks) if shared_input else (ids[i], masks[i])
-            logits[i], cache = _forward(graphdefs[i], params[gi], x, m, caches[gi])
+            logits[i], cache = _forward(graphdefs[i], params[gi], x, m, caches[gi], last_only)
         else:
             if shared_input:
                 x, m = ids, masks
             else:
                 x, m = jnp.stack([ids[i] for i in members]), jnp.stack([masks[i] for i in members])
             lgs, cache = _group_forward(graphdefs[members[0]], params[gi], x, m, caches[gi],
-                                        shared_input=shared_input)
+                                        shared_input=shared_input, last_only=last_only)
             for j, i in enumerate(members):
                 logits[i] = lgs[j]
         new_caches.append(cache)
@@ -317,6 +318,7 @@ class DecodeResult:
     finish_reason: np.ndarray  # [B] int32 (stopping.EOS / STOP_STRING / LENGTH)
     analysis: dict[str, np.ndarray] | None  # top1 [B,N,M], chosen_prob [B,N,M], changed [B,N]
     topk: "TopK | None" = None  # the fused distribution's top-k per generated token ([B, N, k]; record_topk)
+    speculative: Any = None  # speculative.SpeculativeReport (acceptance statistics) of a speculative call
 
     def token_lists(self) -> list[list[int]]:
         return [self.tokens[i, : int(self.num_tokens[i])].tolist() for i in range(self.tokens.shape[0])]
@@ -452,7 +454,10 @@ class Decoder:
     def generate(self, prompts: Sequence[tuple[np.ndarray, np.ndarray]], *, max_new_tokens: int,
                  fusion_params: Mapping[str, Any] | None = None, sampling: SamplingParams | None = None,
                  stop: StopCriteria | None = None, seed: int = 0, analysis: bool = False,
-                 pad_id: int = 0, record_topk: int = 0, row_ids: Sequence[int] | None = None) -> DecodeResult:
+                 pad_id: int = 0, record_topk: int = 0, row_ids: Sequence[int] | None = None,
+                 speculative: int = 0, drafter: nnx.Module | None = None,
+                 drafter_prompt: tuple[np.ndarray, np.ndarray] | None = None,
+                 adaptive_speculative: bool = False) -> DecodeResult:
         """Decode one batch. ``prompts[i] = (ids [B, L_i], mask [B, L_i])`` left-padded for model i.
 
         Sampling draws row b's tokens from its own stream, keyed by ``(seed, row_ids[b])`` (default: the row's
@@ -460,11 +465,25 @@ class Decoder:
         size or its row.
 
         ``stop`` defaults to the first model's ``eos_token_id``; ``sampling`` to greedy. ``record_topk = k``
-        also returns the fused distribution's top k before every generated token (``DecodeResult.topk``)."""
+        also returns the fused distribution's top k before every generated token (``DecodeResult.topk``).
+
+        ``speculative = K`` (>= 1) decodes speculatively (:mod:`speculative`): ``drafter`` (default: the smallest
+        fused model, e.g. the expert; required for rule "plain") proposes K tokens per round that the fused
+        models verify in one forward -- the same greedy tokens, the same sampling distribution;
+        ``adaptive_speculative`` adapts K per row; ``drafter_prompt`` is a separate drafter's prompt batch
+        (default: model 0's). ``DecodeResult.speculative`` reports the acceptance."""
         if max_new_tokens < 1:
             raise UserError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         if not 0 <= record_topk <= self.vocab_size:
             raise UserError(f"record_topk must lie in [0, {self.vocab_size}], got {record_topk}")
+        if speculative or drafter is not None or adaptive_speculative:
+            from proxytune_jax.decoding import speculative as spec
+            spec.check_speculative(self.rule.name, len(self.graphdefs), speculative, has_drafter=drafter is not None,
+                                   analysis=analysis, record_topk=record_topk)
+            return spec.generate(self, prompts, max_new_tokens=max_new_tokens, draft_len=speculative,
+                                 drafter=drafter, drafter_prompt=drafter_prompt, adaptive=adaptive_speculative,
+                                 fusion_params=fusion_params, sampling=sampling, stop=stop, seed=seed,
+                                 pad_id=pad_id, row_ids=row_ids)
         ids, masks, fp, sampling, stop, key = self._inputs(prompts, fusion_params, sampling, stop, seed, row_ids)
         b = ids[0].shape[0]
         caches = self.init_caches(b, [x.shape[1] for x in ids], max_new_tokens)

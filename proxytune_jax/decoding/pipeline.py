@@ -75,7 +75,8 @@ class TextGenerator:
 
     def __init__(self, models: Sequence, tokenizers: Sequence, rule: str = "proxy_tuning", *,
                  chat_template: Sequence[bool] | None = None, names: Sequence[str] | None = None,
-                 eos_ids: Sequence[int] | None = None, mesh=None, placement=None):
+                 eos_ids: Sequence[int] | None = None, mesh=None, drafter=None, drafter_tokenizer=None,
+                 drafter_name: str = "--drafter", placement=None):
         self.tokenizers = list(tokenizers)
         self.names = list(names or [f"model {i}" for i in range(len(models))])
         self.alignment = align_vocabularies(self.tokenizers, [m.config.vocab_size for m in models], self.names)
@@ -94,6 +95,11 @@ class TextGenerator:
             {e for m, t in zip(models, self.tokenizers) for e in eos_ids_for(m.config, t)})
         tok0 = self.tokenizers[0]
         self.pad_id = int(tok0.pad_token_id if tok0.pad_token_id is not None else (self.eos_ids or [0])[0])
+        self.drafter = drafter  # speculative decoding's separate drafter (it reads model 0's prompt)
+        if drafter is not None:
+            check_drafter_tokenizer(tok0, self.names[0], drafter_tokenizer or tok0, drafter_name,
+                                    int(drafter.config.vocab_size), self.alignment.size)
+        self.speculative_report = None  # the last generate's acceptance statistics (speculative decoding)
 
     def encode(self, prompts: Sequence[str], max_new_tokens: int) -> list[list[list[int]]]:
         return encode_for_models(self.tokenizers, prompts, chat_template=self.chat_template,
@@ -103,18 +109,24 @@ class TextGenerator:
                  fusion_params: dict | None = None, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
                  seed: int = 0, stop_strings: Sequence[str] = (), analysis: bool = False,
                  encoded: list[list[list[int]]] | None = None, progress=None,
-                 record_topk: int = 0) -> list[Completion]:
+                 record_topk: int = 0, speculative: int = 0, adaptive_speculative: bool = False) -> list[Completion]:
         """Decode all prompts in batches of ``batch_size`` (the last one padded). ``progress``: a callable
         advanced once per batch (e.g. a tqdm's ``update``). Sampling is batch-invariant: prompt i draws from
         the stream of ``(seed, i)``, whatever ``batch_size`` and its row. ``record_topk = k``: each completion also gets the
-        fused distribution's top k before each of its tokens (``Completion.topk``)."""
+        fused distribution's top k before each of its tokens (``Completion.topk``). ``speculative = K``: speculative
+        decoding (``Decoder.generate``), its summed acceptance statistics left in ``self.speculative_report``."""
         encoded = encoded if encoded is not None else self.encode(prompts, max_new_tokens)
         v = self.alignment.size
         sampling = SamplingParams.create(v, temperature=temperature, top_k=top_k, top_p=top_p)
         stop = make_stop_criteria(self.eos_ids, stop_strings, self.tokenizers[0], v)
-        # One bucket per model for the whole run (same shapes for every batch: one compile).
-        lengths = [bucket_length(max(len(s) for s in seqs), cap=ctx - max_new_tokens)
+        # One bucket per model for the whole run (same shapes for every batch: one compile). Speculative
+        # decoding's caches hold K + 2 slots more.
+        extra = speculative + 2 if speculative else 0
+        lengths = [bucket_length(max(len(s) for s in seqs), cap=ctx - max_new_tokens - extra)
                    for seqs, ctx in zip(encoded, self.contexts)]
+        spec = dict(speculative=speculative, drafter=self.drafter if speculative else None,
+                    adaptive_speculative=adaptive_speculative) if speculative else {}
+        reports = []
         results: list[Completion] = []
         for start in range(0, len(prompts), batch_size):
             idx = list(range(start, min(start + batch_size, len(prompts))))
@@ -123,7 +135,9 @@ class TextGenerator:
                      for i in range(len(encoded))]
             res = self.decoder.generate(batch, max_new_tokens=max_new_tokens, fusion_params=fusion_params,
                                         sampling=sampling, stop=stop, seed=seed, analysis=analysis,
-                                        pad_id=self.pad_id, record_topk=record_topk, row_ids=rows)
+                                        pad_id=self.pad_id, record_topk=record_topk, row_ids=rows, **spec)
+            if speculative:  # rows of the padded last batch repeat a prompt: counted once
+                reports.append(_rows_of(res.speculative, len(idx)))
             for k, r in enumerate(idx):
                 ids = res.tokens[k, : int(res.num_tokens[k])].tolist()
                 text = self.tokenizers[0].decode(ids, skip_special_tokens=True)
@@ -145,4 +159,27 @@ class TextGenerator:
                 results.append(Completion(prompts[r], text, ids, FINISH_REASONS[reason], ana, top))
             if progress is not None:
                 progress(1)
+        if reports:
+            from proxytune_jax.decoding.speculative import SpeculativeReport
+            self.speculative_report = SpeculativeReport(
+                speculative, *(np.concatenate([getattr(r, f) for r in reports])
+                               for f in ("rounds", "drafted", "accepted")))
         return results
+
+
+def _rows_of(report, n: int):
+    import dataclasses as dc
+    return dc.replace(report, rounds=report.rounds[:n], drafted=report.drafted[:n], accepted=report.accepted[:n])
+
+
+def check_drafter_tokenizer(tok0, name0: str, drafter_tok, drafter_name: str, drafter_vocab: int,
+                            shared: int) -> None:
+    """A speculative drafter must propose ids of the fused models' tokenizer: UserError naming the fix."""
+    try:
+        alignment = align_vocabularies([tok0, drafter_tok], [shared, drafter_vocab], [name0, drafter_name])
+    except UserError as e:
+        raise UserError(f"the drafter must share the fused models' tokenizer: {e}. Pick a drafter of the same "
+                        "family (or drop --drafter: the expert drafts by default)") from None
+    if alignment.size < shared:
+        raise UserError(f"{drafter_name} covers {alignment.size} ids of the fused models' {shared}; pick a drafter "
+                        "on the same tokenizer (or drop --drafter: the expert drafts by default)")

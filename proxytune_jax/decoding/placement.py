@@ -317,8 +317,13 @@ class PlacedDecoder(Decoder):
 
     def generate(self, prompts, *, max_new_tokens: int, fusion_params=None, sampling: SamplingParams | None = None,
                  stop: StopCriteria | None = None, seed: int = 0, analysis: bool = False, pad_id: int = 0,
-                 record_topk: int = 0, row_ids: Sequence[int] | None = None) -> DecodeResult:
-        """As :meth:`engine.Decoder.generate` (same arguments, same result)."""
+                 record_topk: int = 0, row_ids: Sequence[int] | None = None, speculative: int = 0,
+                 drafter: nnx.Module | None = None, drafter_prompt=None,
+                 adaptive_speculative: bool = False) -> DecodeResult:
+        """As :meth:`engine.Decoder.generate` (same arguments, same result), without speculative decoding."""
+        if speculative or drafter is not None or drafter_prompt is not None or adaptive_speculative:
+            raise UserError("speculative decoding runs every model in one program over one mesh; use Decoder "
+                            "(drop the placement) or drop speculative")
         if max_new_tokens < 1:
             raise UserError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         if not 0 <= record_topk <= self.vocab_size:

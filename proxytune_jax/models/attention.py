@@ -37,6 +37,10 @@ import functools
 import jax
 import jax.numpy as jnp
 
+# Bump when the numerics of any attention path change (a different reduction order, mask value or block size):
+# the toy world's cache digest includes it, so models trained under old numerics are rebuilt, not reused.
+NUMERICS_VERSION = 1
+
 # Masked attention scores are replaced (``jnp.where``, never added) by this finite value: a fully masked row
 # (a pad query) then gets a uniform softmax instead of NaN.
 MASK_VALUE = -1e30

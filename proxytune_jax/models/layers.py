@@ -122,9 +122,10 @@ def check_lengths(seq_len: int, cache: KVCache | None, max_positions: int, model
             f"{model_name}: the KV cache has {cache.max_length} slots but max_position_embeddings is "
             f"{max_positions}; create it with max_length <= {max_positions}")
     concrete = hasattr(cache.length, "__array__") and not isinstance(cache.length, jax.core.Tracer)
-    if concrete and int(cache.length) + seq_len > cache.max_length:  # eager calls only; jit cannot raise
+    # eager calls only; jit cannot raise. Per-row cursors ([B]): the furthest row decides.
+    if concrete and int(jnp.max(cache.length)) + seq_len > cache.max_length:
         raise UserError(
-            f"{model_name}: writing {seq_len} tokens at slot {int(cache.length)} overflows the KV cache of "
+            f"{model_name}: writing {seq_len} tokens at slot {int(jnp.max(cache.length))} overflows the KV cache of "
             f"{cache.max_length} slots; create the cache with a larger max_length")
 
 
@@ -132,7 +133,8 @@ class AttentionLayout:
     """Who attends to whom in one forward step, shared by all layers.
 
     Without a cache the keys are the ``T`` new tokens; with a cache they are the cache's ``S`` slots after
-    the new tokens were written at ``[length, length + T)``.
+    the new tokens were written at ``[length, length + T)`` -- per row ``[length[b], length[b] + T)`` when the
+    cache has one cursor per row (``KVCache.with_row_lengths``).
     """
 
     def __init__(self, attention_mask: jax.Array | None, batch: int, seq_len: int,
@@ -150,9 +152,14 @@ class AttentionLayout:
             self.write_at = None
         else:
             self.positions = cache.positions_of(attention_mask)  # [B, T]
-            self.key_valid = jax.lax.dynamic_update_slice(cache.mask, attention_mask, (0, cache.length))
+            if cache.per_row:  # row b writes at its own cursor: [B, T] query slots, a per-row mask update
+                self.key_valid = jax.vmap(lambda m, a, at: jax.lax.dynamic_update_slice(m, a, (at,)))(
+                    cache.mask, attention_mask, cache.length)  # [B, S]
+                query_slots = cache.length[:, None] + jnp.arange(seq_len)[None, :]  # [B, T]
+            else:
+                self.key_valid = jax.lax.dynamic_update_slice(cache.mask, attention_mask, (0, cache.length))
+                query_slots = cache.length + jnp.arange(seq_len)  # [T]
             self.key_positions = jnp.maximum(jnp.cumsum(self.key_valid.astype(jnp.int32), axis=-1) - 1, 0)
-            query_slots = cache.length + jnp.arange(seq_len)
             key_slots = jnp.arange(cache.max_length)
             self.write_at = cache.length
         self._query_slots, self._key_slots = query_slots, key_slots
@@ -160,7 +167,8 @@ class AttentionLayout:
     @property
     def allowed(self) -> jax.Array:
         """[B, T, S]: causal over slots and only real keys."""
-        return (self._key_slots[None, None, :] <= self._query_slots[None, :, None]) & self.key_valid[:, None, :]
+        query = self._query_slots if self._query_slots.ndim == 2 else self._query_slots[None]  # [B | 1, T]
+        return (self._key_slots[None, None, :] <= query[:, :, None]) & self.key_valid[:, None, :]
 
     def allowed_within(self, window: int | None) -> jax.Array:
         """[B, T, S] mask, additionally limited to the last ``window`` positions (sliding window)."""
@@ -215,7 +223,12 @@ def heads_first(x: jax.Array) -> jax.Array:
 
 
 def write_kv(cache_k: jax.Array, cache_v: jax.Array, k: jax.Array, v: jax.Array, at: jax.Array):
-    """Write new keys/values ``[B, K, T, D]`` into cache slots ``[at, at + T)`` of ``[B, K, S, D]``."""
+    """Write new keys/values ``[B, K, T, D]`` into cache slots ``[at, at + T)`` of ``[B, K, S, D]``; ``at`` is
+    ``[]`` (one cursor: a plain dynamic_update_slice) or ``[B]`` (row b at ``[at[b], at[b] + T)``: a scatter)."""
+    if jnp.ndim(at) == 1:
+        def row(c, x, a):  # [K, S, D], [K, T, D]
+            return jax.lax.dynamic_update_slice(c, x.astype(c.dtype), (0, a, 0))
+        return jax.vmap(row)(cache_k, k, at), jax.vmap(row)(cache_v, v, at)
     cache_k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (0, 0, at, 0))
     cache_v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, 0, at, 0))
     return cache_k, cache_v

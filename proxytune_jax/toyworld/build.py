@@ -84,7 +84,12 @@ class ToyWorldConfig:
         return dataclasses.asdict(self)
 
     def digest(self) -> str:
-        blob = json.dumps({"version": BUILD_VERSION, **self.to_dict()}, sort_keys=True)
+        """Hash of the build procedure, this config and the numerics the models are trained under: the compute
+        path traced now (``models.backend.current()``: "cpu", "gpu", "tpu" or "portable") and the attention
+        numerics version, so a world trained on another path or under older attention code is rebuilt."""
+        from proxytune_jax.models import attention, backend
+        numerics = {"compute_path": backend.current(), "attention_numerics": attention.NUMERICS_VERSION}
+        blob = json.dumps({"version": BUILD_VERSION, "numerics": numerics, **self.to_dict()}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
