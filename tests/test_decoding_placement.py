@@ -80,13 +80,16 @@ def test_bad_device_groups_name_the_fix(groups, fix):
     assert fix in str(err.value)
 
 
-def test_generate_refuses_a_bad_placement_before_loading(tmp_path, capsys):
+@pytest.mark.parametrize("extra, fix", [
+    (["--placement", "base=0,expert=0,anti_expert=0"], "device 0 is in both"),
+    (["--placement", "base+expert+anti_expert=0", "--speculative", "2"], "drop --placement or --speculative"),
+])
+def test_generate_refuses_a_bad_placement_before_loading(extra, fix, tmp_path, capsys):
     from proxytune_jax import cli
     code = cli.main(["generate", "--target", str(tmp_path / "missing"), "--expert", "e", "--anti-expert", "a",
-                     "--prompt", "hi", "--max-new-tokens", "2", "--output", str(tmp_path / "o.jsonl"),
-                     "--placement", "base=0,expert=0,anti_expert=0"])
+                     "--prompt", "hi", "--max-new-tokens", "2", "--output", str(tmp_path / "o.jsonl"), *extra])
     assert code == 2
-    assert "device 0 is in both" in capsys.readouterr().err and not (tmp_path / "o.jsonl").exists()
+    assert fix in capsys.readouterr().err and not (tmp_path / "o.jsonl").exists()
 
 
 # ------------------------------------------------------------------------------------------ 8 devices: API
