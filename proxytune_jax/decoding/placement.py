@@ -26,12 +26,15 @@ cannot hold the base on devices 0-5 and the expert on device 6. The two ways out
       that finished earlier emits ``pad_id`` exactly as in the single-mesh loop, so stopping late changes no
       output.
 
-**Trade-off.** Per token: ``3G + 1`` dispatches for G groups (token copy, forward, logits copy per group; one
-fusion step), a few tens of microseconds of host work each, against one ``lax.while_loop`` iteration for the
-single mesh. It pays off when a model forward takes longer than that dispatch, i.e. for large models whose
+**Trade-off.** Per token: ``G + 3`` dispatches for G groups (one batched copy of the token to every group, G
+forwards, one batched copy of the logits, one fusion step), tens of microseconds of host work each on an idle
+host (1-2 ms per token in all on the loaded 2-core machine of the README's table), against one
+``lax.while_loop`` iteration for the single mesh. The per-group prefill and step are jitted once with their
+graph definitions and parameter tree bound, so a dispatch only flattens a tuple of arrays. It pays off when a model forward takes longer than that dispatch, i.e. for large models whose
 forwards then run side by side (time per token ≈ max over groups instead of the sum), and it loses for tiny
 ones. The exchange is ``M × B × V × 4`` bytes of logits per token to the fusion device and ``B × 4`` back.
-Not supported: :meth:`Decoder.generate_sweep` (a ``vmap`` over hyperparameters needs one program).
+Not supported: :meth:`Decoder.generate_sweep` (a ``vmap`` over hyperparameters needs one program) and speculative
+decoding (one program over one mesh).
 
 Spec syntax (:func:`parse_placement`): comma-separated ``ROLES=DEVICES[:MESH]`` entries.
 
