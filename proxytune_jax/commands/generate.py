@@ -4,7 +4,7 @@
         [--expert-chat-template] (--prompt TEXT | --prompts FILE.jsonl) --max-new-tokens N [--temperature 0]
         [--top-p 1.0] [--top-k 0] [--seed 0] [--batch-size 8] [--stop STR ...] [--analysis] --output OUT.jsonl
         [--topk-cache DIR [--topk 5]] [--expert-adapter DIR] [--anti-expert-adapter DIR] [--target-adapter DIR]
-        [--adapter-mode auto|unmerged|merged] [--alpha-schedule SPEC] [--alpha-gate SPEC]
+        [--adapter-mode auto|unmerged|merged] [--alpha-schedule SPEC] [--alpha-gate SPEC] [--placement SPEC]
         [--speculative K [--drafter DIR] [--adaptive-speculative]]
     proxytune generate (--base-api URL --base-model NAME [--base-record FILE] | --base-replay FILE)
         [--base-topk 20] [--base-tail uniform|drop] [--base-tokenizer DIR] --expert DIR --anti-expert DIR ...
@@ -43,6 +43,9 @@ training file of the completions, for ``offline_topk``: the proxy-tuned model di
 tokenizer, default the smallest fused model, e.g. the expert) proposes K tokens per round and the fused models
 verify them in one forward each: the same greedy tokens and the same sampling distribution as without it; the
 acceptance rate is printed. ``--adaptive-speculative`` adapts K per row.
+
+``--placement base=0-5:fsdp2xtensor3,expert=6,anti_expert=7`` puts each model on its own device group
+(:mod:`proxytune_jax.decoding.placement`; the same tokens as without it).
 
 A black-box base (:mod:`proxytune_jax.decoding.blackbox`): ``--base-api URL --base-model NAME`` asks an
 OpenAI-compatible completions server for the base's top-k log-probs at every step (``--base-topk``, ≤ 20), the
@@ -138,6 +141,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                            "(needed for plain decoding of --target)")
     spec.add_argument("--adaptive-speculative", dest="adaptive_speculative", action="store_true",
                       help="adapt K per row: +1 after a fully accepted round, -1 after one accepting < K/2")
+    parser.add_argument("--placement", default=None, metavar="SPEC",
+                        help="each model on its own device group, e.g. base=0-5:fsdp2xtensor3,expert=6,anti_expert=7 "
+                             "(ROLES=DEVICES[:MESH] per entry; roles joined by + share a group; default mesh: all "
+                             "of a group's devices on fsdp); the same tokens as one device, see decoding.placement")
     parser.add_argument("--topk-cache", dest="topk_cache", type=Path, default=None, metavar="DIR",
                         help="also write the fused distribution's top-k before every generated token as a teacher "
                              "cache for offline_topk, with its training file DIR/train.jsonl (e.g. distill the "
@@ -392,6 +399,9 @@ def run(args) -> int:
              "a black-box base" if getattr(args, "base_api", None) or getattr(args, "base_replay", None) else None)
     if other and (getattr(args, "speculative", None) is not None or getattr(args, "drafter", None)):
         raise UserError(f"--speculative works with local models only, not with {other}; drop --speculative")
+    if args.placement is not None and (args.cross_tokenizer or args.base_api or args.base_replay):
+        raise UserError("--placement places local models of one tokenizer; drop it with --cross-tokenizer, "
+                        "--base-api or --base-replay")
     if getattr(args, "cross_tokenizer", False):
         return run_cross_tokenizer(args, prompts, out_path)
     if getattr(args, "base_api", None) or getattr(args, "base_replay", None):
@@ -408,6 +418,14 @@ def run(args) -> int:
     flags = model_flags(args, rule)
     fusion_params = parse_rule_params(args, rule)
     check_speculative_args(args, rule, len(flags))
+    placement = args.placement
+    if placement is not None:  # checked before any weights load
+        if args.speculative is not None:
+            raise UserError("--speculative runs every model in one program over one mesh; drop --placement or "
+                            "--speculative")
+        import jax
+        from proxytune_jax.decoding.placement import parse_placement
+        parse_placement(placement, rule, len(flags), jax.device_count())
     dirs, adapters, tokenizers, configs, names = open_model_folders(args, flags)
 
     # Cheap checks on configs before loading weights: tokenizers agree, prompts fit the contexts.
@@ -441,7 +459,8 @@ def run(args) -> int:
     models = load_models(dirs, adapters, args.adapter_mode)
     drafter = load_models([drafter_dir], [None])[0] if drafter_dir is not None else None
     gen = TextGenerator(models, tokenizers, rule, chat_template=chat, names=names,  # every model's EOS ids
-                        drafter=drafter, drafter_tokenizer=drafter_tok, drafter_name=f"--drafter {args.drafter}")
+                        drafter=drafter, drafter_tokenizer=drafter_tok, drafter_name=f"--drafter {args.drafter}",
+                        placement=placement)
     n_batches = math.ceil(len(prompts) / args.batch_size)
     with tqdm(total=n_batches, desc="generate", unit="batch") as bar:
         results = gen.generate(prompts, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,

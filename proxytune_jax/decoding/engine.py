@@ -141,6 +141,56 @@ def _choose(logits, fusion_params, sampling, key, step=0, *, rule, vocab_size, a
     return token, ((top1, probs, changed), top)
 
 
+def init_record(b, n, n_models, stop, *, pad_id, analysis, record_topk):
+    """The per-row record :func:`record_token` fills: ``(tokens [B, N], num [B], finished [B], reason [B],
+    byte window, analysis or None, (top-k ids, log-probs) or None)``."""
+    ana0 = None
+    if analysis:
+        ana0 = StepAnalysis(top1=jnp.full((b, n, n_models), -1, jnp.int32),
+                            chosen_prob=jnp.zeros((b, n, n_models), jnp.float32),
+                            changed=jnp.zeros((b, n), bool))
+    tops0 = ((jnp.full((b, n, record_topk), -1, jnp.int32), jnp.full((b, n, record_topk), -jnp.inf, jnp.float32))
+             if record_topk else None)
+    return (jnp.full((b, n), pad_id, jnp.int32), jnp.zeros((b,), jnp.int32), jnp.zeros((b,), bool),
+            jnp.full((b,), RUNNING, jnp.int32), init_byte_window(b, stop), ana0, tops0)
+
+
+def record_token(t, token, extra, carry, *, stop, max_new_tokens, pad_id, analysis, record_topk):
+    """Token ``t`` (chosen by :func:`_choose`, with its ``extra``) into the record of :func:`init_record`: finished
+    rows emit ``pad_id``; EOS, stop strings and ``max_new_tokens`` end a row. -> (token [B], carry)."""
+    n = max_new_tokens
+    extra, top = extra
+    tokens, num, finished, reason, window, ana, tops = carry
+    if record_topk:
+        live = ~finished[:, None]
+        tops = (tops[0].at[:, t].set(jnp.where(live, top[0], -1)),
+                tops[1].at[:, t].set(jnp.where(live, top[1], -jnp.inf)))
+    token = jnp.where(finished, pad_id, token)
+    tokens = tokens.at[:, t].set(token)
+    eos_hit = is_eos(token, stop) & ~finished
+    window, stop_hit = push_and_match(window, token, stop)
+    stop_hit = stop_hit & ~finished & ~eos_hit
+    len_hit = (t == n - 1) & ~finished & ~eos_hit & ~stop_hit
+    reason = jnp.where(eos_hit, EOS, jnp.where(stop_hit, STOP_STRING, jnp.where(len_hit, LENGTH, reason)))
+    num = num + (~finished).astype(jnp.int32)
+    if analysis:
+        top1, probs, changed = extra
+        live = ~finished
+        ana = StepAnalysis(top1=ana.top1.at[:, t].set(jnp.where(live[:, None], top1, -1)),
+                           chosen_prob=ana.chosen_prob.at[:, t].set(jnp.where(live[:, None], probs, 0.0)),
+                           changed=ana.changed.at[:, t].set(changed & live))
+    finished = finished | eos_hit | stop_hit | len_hit
+    return token, (tokens, num, finished, reason, window, ana, tops)
+
+
+def record_output(carry) -> DecodeOutput:
+    """The :class:`DecodeOutput` of a finished record (:func:`init_record`)."""
+    tokens, num, _, reason, _, ana, tops = carry
+    top_ids, top_logp = tops if tops is not None else (None, None)
+    return DecodeOutput(tokens=tokens, num_tokens=num, finish_reason=reason, analysis=ana, topk_ids=top_ids,
+                        topk_logp=top_logp)
+
+
 def decode_loop(graphdefs, params, prompt_ids, prompt_masks, caches, fusion_params, sampling: SamplingParams,
                 stop: StopCriteria, key, *, rule: str, vocab_size: int, max_new_tokens: int,
                 analysis: bool = False, pad_id: int = 0, groups: tuple[tuple[int, ...], ...] | None = None,
@@ -165,39 +215,9 @@ def decode_loop(graphdefs, params, prompt_ids, prompt_masks, caches, fusion_para
     logits, new_caches = _run_groups(graphdefs, params, groups, prompt_ids, prompt_masks, group_caches,
                                      shared_input=False)
 
-    def record(t, token, extra, carry):
-        extra, top = extra
-        tokens, num, finished, reason, window, ana, tops = carry
-        if record_topk:
-            live = ~finished[:, None]
-            tops = (tops[0].at[:, t].set(jnp.where(live, top[0], -1)),
-                    tops[1].at[:, t].set(jnp.where(live, top[1], -jnp.inf)))
-        token = jnp.where(finished, pad_id, token)
-        tokens = tokens.at[:, t].set(token)
-        eos_hit = is_eos(token, stop) & ~finished
-        window, stop_hit = push_and_match(window, token, stop)
-        stop_hit = stop_hit & ~finished & ~eos_hit
-        len_hit = (t == n - 1) & ~finished & ~eos_hit & ~stop_hit
-        reason = jnp.where(eos_hit, EOS, jnp.where(stop_hit, STOP_STRING, jnp.where(len_hit, LENGTH, reason)))
-        num = num + (~finished).astype(jnp.int32)
-        if analysis:
-            top1, probs, changed = extra
-            live = ~finished
-            ana = StepAnalysis(top1=ana.top1.at[:, t].set(jnp.where(live[:, None], top1, -1)),
-                               chosen_prob=ana.chosen_prob.at[:, t].set(jnp.where(live[:, None], probs, 0.0)),
-                               changed=ana.changed.at[:, t].set(changed & live))
-        finished = finished | eos_hit | stop_hit | len_hit
-        return token, (tokens, num, finished, reason, window, ana, tops)
-
-    ana0 = None
-    if analysis:
-        ana0 = StepAnalysis(top1=jnp.full((b, n, n_models), -1, jnp.int32),
-                            chosen_prob=jnp.zeros((b, n, n_models), jnp.float32),
-                            changed=jnp.zeros((b, n), bool))
-    tops0 = ((jnp.full((b, n, record_topk), -1, jnp.int32), jnp.full((b, n, record_topk), -jnp.inf, jnp.float32))
-             if record_topk else None)
-    carry = (jnp.full((b, n), pad_id, jnp.int32), jnp.zeros((b,), jnp.int32), jnp.zeros((b,), bool),
-             jnp.full((b,), RUNNING, jnp.int32), init_byte_window(b, stop), ana0, tops0)
+    record = functools.partial(record_token, stop=stop, max_new_tokens=n, pad_id=pad_id, analysis=analysis,
+                               record_topk=record_topk)
+    carry = init_record(b, n, n_models, stop, pad_id=pad_id, analysis=analysis, record_topk=record_topk)
     token, extra = choose(logits, fusion_params, sampling, fold_in(key, 0), jnp.int32(0))
     token, carry = record(0, token, extra, carry)
 
@@ -219,10 +239,7 @@ def decode_loop(graphdefs, params, prompt_ids, prompt_masks, caches, fusion_para
     for members, cache in zip(groups, final_groups):
         for i, c in zip(members, [cache] if len(members) == 1 else unstack_cache(cache, len(members))):
             final_caches[i] = c
-    tokens, num, _, reason, _, ana, tops = rec
-    top_ids, top_logp = tops if record_topk else (None, None)
-    return DecodeOutput(tokens=tokens, num_tokens=num, finish_reason=reason, analysis=ana, topk_ids=top_ids,
-                        topk_logp=top_logp), tuple(final_caches)
+    return record_output(rec), tuple(final_caches)
 
 
 _STATIC = ("graphdefs", "rule", "vocab_size", "max_new_tokens", "analysis", "pad_id", "groups", "record_topk")
@@ -327,6 +344,26 @@ def _find_groups(graphdefs, params) -> tuple[tuple[int, ...], ...]:
     return tuple(tuple(g) for g in groups)
 
 
+def stack_groups(params, groups, mesh: Mesh | None = None, rules: Sequence[Any] | None = None) -> tuple:
+    """Per-model params -> one entry per group of :func:`_find_groups`: a lone model's params, or a group's params
+    stacked on a leading model axis; placed on ``mesh`` (if given) by each model's partition ``rules`` (the
+    model axis replicated)."""
+    grouped = []
+    for members in groups:
+        first = params[members[0]]
+        if len(members) == 1:
+            tree = first if mesh is None else jax.device_put(first, tree_shardings(first, rules[members[0]], mesh))
+        else:
+            stack = jax.jit(lambda *ps: jax.tree.map(lambda *xs: jnp.stack(xs), *ps))
+            if mesh is not None:  # each member's sharding, with the model axis replicated
+                inner = tree_shardings(first, rules[members[0]], mesh)
+                stack = jax.jit(stack, out_shardings=jax.tree.map(
+                    lambda sh: NamedSharding(mesh, P(None, *sh.spec)), inner))
+            tree = stack(*[params[i] for i in members])
+        grouped.append(tree)
+    return tuple(grouped)
+
+
 class Decoder:
     """Models (split once into graphdef + params, placed on ``mesh`` if given) and a fusion rule.
 
@@ -357,20 +394,7 @@ class Decoder:
         rules = None
         if mesh is not None:
             rules = partition_rules or [partition_rules_of(m) for m in models]
-        grouped = []
-        for members in self.groups:
-            first = params[members[0]]
-            if len(members) == 1:
-                tree = first if mesh is None else jax.device_put(first, tree_shardings(first, rules[members[0]], mesh))
-            else:
-                stack = jax.jit(lambda *ps: jax.tree.map(lambda *xs: jnp.stack(xs), *ps))
-                if mesh is not None:  # each member's sharding, with the model axis replicated
-                    inner = tree_shardings(first, rules[members[0]], mesh)
-                    stack = jax.jit(stack, out_shardings=jax.tree.map(
-                        lambda sh: NamedSharding(mesh, P(None, *sh.spec)), inner))
-                tree = stack(*[params[i] for i in members])
-            grouped.append(tree)
-        self.params = tuple(grouped)
+        self.params = stack_groups(params, self.groups, mesh, rules)
 
     # -------------------------------------------------------------------------------------------------
     def _place_batch(self, x):

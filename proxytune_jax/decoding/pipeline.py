@@ -69,16 +69,24 @@ class Completion:
 
 class TextGenerator:
     """``models[i]`` with ``tokenizers[i]``, in the rule's role order; ``chat_template[i]`` says whether model i
-    reads its prompt through its tokenizer's chat template (default: none do)."""
+    reads its prompt through its tokenizer's chat template (default: none do). ``mesh``: every model on one mesh;
+    ``placement``: each model on its own device group instead (:mod:`placement`, e.g. ``"base=0-5,expert=6,
+    anti_expert=7"``)."""
 
     def __init__(self, models: Sequence, tokenizers: Sequence, rule: str = "proxy_tuning", *,
                  chat_template: Sequence[bool] | None = None, names: Sequence[str] | None = None,
                  eos_ids: Sequence[int] | None = None, mesh=None, drafter=None, drafter_tokenizer=None,
-                 drafter_name: str = "--drafter"):
+                 drafter_name: str = "--drafter", placement=None):
         self.tokenizers = list(tokenizers)
         self.names = list(names or [f"model {i}" for i in range(len(models))])
         self.alignment = align_vocabularies(self.tokenizers, [m.config.vocab_size for m in models], self.names)
-        self.decoder = Decoder(models, rule, vocab_size=self.alignment.size, mesh=mesh)
+        if placement is not None:  # each model on its own device group (decoding.placement)
+            if mesh is not None:
+                raise UserError("give a mesh (every model on it) or a placement (a device group per model), not both")
+            from proxytune_jax.decoding.placement import PlacedDecoder
+            self.decoder = PlacedDecoder(models, rule, placement=placement, vocab_size=self.alignment.size)
+        else:
+            self.decoder = Decoder(models, rule, vocab_size=self.alignment.size, mesh=mesh)
         self.chat_template = list(chat_template or [False] * len(models))
         self.contexts = [int(m.config.max_position_embeddings) for m in models]
         # Every model's EOS ids (config, generation_config.json via load_pretrained, tokenizer): the tokenizers are
