@@ -263,3 +263,17 @@ def test_speculative_cost_model_limits():
             assert sc.speculative_cost(k, tau, base, pair, sc.PARAMS["TinyLlama-1.1B"]) == pytest.approx(1.0)
     with pytest.raises(ValueError):
         sc.speculative_cost(2, 3.5, base, pair, 0.0)  # more than K + 1 tokens per round is impossible
+
+
+def test_decode_benchmark_speculative_rows_tiny():
+    """`decode.py --speculative` on tiny random weights: greedy tokens equal non-speculative ones (asserted in the
+    script), and the printed rows are consistent (tokens per round within [1, K + 1], positive speeds)."""
+    import argparse
+    sys.path.insert(0, str(REPO / "experiments" / "benchmarks"))
+    import decode
+
+    rows = decode.speculative_rows(argparse.Namespace(tiny=True, batches=[2], prompt=8, new=8, repeats=1,
+                                                      speculative=[2]))
+    (r,) = rows
+    assert r["batch"] == 2 and r["k"] == 2 and 1.0 <= r["tokens_per_round"] <= 3.0 and 0 <= r["acceptance"] <= 1
+    assert r["tps"] > 0 and r["ref_tps"] > 0 and r["round_steps"] > 0

@@ -13,6 +13,8 @@ Roofline: decoding at small batch is bound by reading the weights once per step,
 
     python experiments/benchmarks/decode.py            # 220M Llama-shaped target, 35M pair, vocab 32000, fp32
     python experiments/benchmarks/decode.py --tiny     # a seconds-long smoke run of the same code
+    python experiments/benchmarks/decode.py --speculative 2 4 8 [--speculative-only]
+        # speculative vs non-speculative proxy-tuning on the same weights (``speculative_rows``)
 """
 from __future__ import annotations
 
@@ -114,7 +116,12 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="timed JAX runs (best of), after the compiling one")
     ap.add_argument("--torch-repeats", type=int, default=1, help="timed PyTorch runs (best of), after a warm-up")
     ap.add_argument("--torch-threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
+    ap.add_argument("--speculative", type=int, nargs="*", default=[], metavar="K",
+                    help="also time speculative proxy-tuning (the expert drafting K tokens per round)")
+    ap.add_argument("--speculative-only", action="store_true", help="skip the PyTorch comparison")
     args = ap.parse_args()
+    if args.speculative_only:
+        return speculative_rows(args)
 
     import torch
     from transformers import AutoModelForCausalLM
@@ -190,6 +197,49 @@ def main() -> None:
         for side in ("jax", "torch"):
             cost = pr[f"{side}_step"] / pl[f"{side}_step"]
             print(f"  batch {b} {side:5s}: proxy/plain step time {cost:.3f} ({cost / expected - 1:+.1%} vs expected)")
+    if args.speculative:
+        speculative_rows(args)
+
+
+def speculative_rows(args) -> list[dict]:
+    """Speculative vs non-speculative proxy-tuning on the same random weights (JAX only), greedy.
+
+    Random models agree with each other about as often as chance, so the measured acceptance is near zero and
+    the measured speed is the worst case. What carries over is the cost of one round in non-speculative steps,
+    ``round time / step time``: speculative decoding is faster on this machine wherever the tokens per round
+    (measured on trained models, ``experiments/toyworld_speculative.py``) exceed it (the break-even column)."""
+    sizes = TINY if args.tiny else SIZES
+    common = dict(vocab_size=32000 if not args.tiny else 512, max_positions=256, pad_token_id=None)
+    models = [init_model(small_llama_config(**common, **sizes[name]), seed=seed)
+              for name, seed in (("target", 0), ("small", 1), ("small", 2))]
+    dec = Decoder(models, "proxy_tuning")
+    no_eos = make_stop_criteria([])
+    rng = np.random.default_rng(0)
+    rows = []
+    print(f"\nspeculative proxy-tuning (expert drafting), greedy, random weights; load {os.getloadavg()}")
+    for b in args.batches:
+        prompt = rng.integers(3, common["vocab_size"], size=(b, args.prompt)).astype(np.int32)
+        batch = [(prompt, np.ones_like(prompt, bool))] * 3
+        ref = dec.generate(batch, max_new_tokens=args.new, stop=no_eos)
+        t_ref = timed(lambda: dec.generate(batch, max_new_tokens=args.new, stop=no_eos), args.repeats)
+        for k in args.speculative:
+            run = lambda: dec.generate(batch, max_new_tokens=args.new, stop=no_eos, speculative=k)  # noqa: E731
+            res = run()
+            assert np.array_equal(res.tokens, ref.tokens), f"k={k}, batch {b}: greedy tokens differ"
+            t = timed(run, args.repeats)
+            rep = res.speculative
+            rounds = float(rep.rounds.max())  # the batch runs until its slowest row is done
+            round_steps = (t / rounds) / (t_ref / args.new)
+            rows.append(dict(batch=b, k=k, tps=b * args.new / t, ref_tps=b * args.new / t_ref,
+                             acceptance=rep.acceptance_rate, tokens_per_round=rep.tokens_per_round,
+                             round_steps=round_steps))
+    print("| batch | K | non-speculative tok/s | speculative tok/s | speed-up | acceptance | tokens / round | "
+          "round cost (non-speculative steps) = break-even tokens / round |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['batch']} | {r['k']} | {r['ref_tps']:.1f} | {r['tps']:.1f} | {r['tps'] / r['ref_tps']:.2f}x | "
+              f"{r['acceptance']:.3f} | {r['tokens_per_round']:.2f} | {r['round_steps']:.2f} |")
+    return rows
 
 
 if __name__ == "__main__":
