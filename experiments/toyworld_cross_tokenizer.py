@@ -103,7 +103,7 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--world-seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--cache-dir", type=Path, default=None, help="default: the demo's cache")
-    ap.add_argument("--smoke", action="store_true", help="the demo's --quick world, seed 0 only")
+    ap.add_argument("--smoke", action="store_true", help="the demo's --quick world, seed 0 only, 8 questions")
     ap.add_argument("--out", type=Path, default=Path("runs/toyworld_cross_tokenizer"))
     args = ap.parse_args(argv)
     if args.smoke:
@@ -116,7 +116,8 @@ def main(argv=None) -> dict:
         tw = build_toyworld(configs(args.smoke, seed).toyworld, args.cache_dir)
         pair = build_bpe_pair(tw, progress=not args.smoke)
         models = {name: tw.load(name) for name in MODEL_NAMES}
-        per_seed[seed] = r = run_world(models, tw.tokenizer, pair, list(tw.world.heldout))
+        questions = list(tw.world.heldout)[:8 if args.smoke else None]
+        per_seed[seed] = r = run_world(models, tw.tokenizer, pair, questions)
         print(f"world seed {seed}: " + ", ".join(f"{k} {v:.3f}" for k, v in r["accuracy"].items())
               + f"; α = 0 rows differing from base-large's greedy decoding: "
               f"{r['alpha0_rows_differing_from_base_greedy']}; seconds "

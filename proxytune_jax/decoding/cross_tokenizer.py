@@ -121,11 +121,13 @@ class TextScorer:
                             "lower --max-new-tokens or shorten the prompt")
         width = bucket_length(longest, cap=self.context)
         per_call = 1 << max(0, (TOKENS_PER_CALL // width).bit_length() - 1)  # a power of two
+        # one row count per width: a full chunk, or the next power of two when everything fits in less
+        rows = per_call if len(seqs) > per_call else bucket_length(len(seqs), min_bucket=8)
         fn = _token_logprobs_fn(self.graphdef)
         out = np.zeros(len(seqs))
         for lo in range(0, len(seqs), per_call):
             part = seqs[lo:lo + per_call]
-            batch = np.zeros((bucket_length(len(part), min_bucket=1), width), np.int32)
+            batch = np.zeros((rows, width), np.int32)
             for i, s in enumerate(part):
                 batch[i, :len(s)] = s
             lp = np.asarray(fn(self.params, jnp.asarray(batch)), np.float64)[:len(part)]  # [R, W]
