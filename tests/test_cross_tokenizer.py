@@ -290,3 +290,24 @@ def test_generate_cli_cross_tokenizer_batched_sampling(world, tmp_path):
         MORE_PROMPTS, max_new_tokens=N_NEW, fusion_params={"alpha": 1.0}, temperature=0.9, top_k=5, seed=3,
         stop_strings=["e"])
     assert [json.loads(x) for x in out.read_text().splitlines()] == [r.to_json() for r in ref]
+
+
+def test_toyworld_second_tokenizer_is_a_deterministic_round_tripping_bpe():
+    """``toyworld.bpe_pair.train_bpe_tokenizer``: the same texts give the same tokenizer; every world text (and
+    the text that follows a prompt, with its leading space) round-trips; it segments differently from the
+    world's word-level tokenizer (some words take several tokens)."""
+    from proxytune_jax.toyworld.bpe_pair import train_bpe_tokenizer
+    from proxytune_jax.toyworld.build import tokenizer_texts
+    from proxytune_jax.toyworld.tokenizer import train_tokenizer
+    from proxytune_jax.toyworld.world import WorldConfig, build_world
+    w = build_world(WorldConfig(num_people=60, corpus_docs=200, tune_examples=40, eval_questions=8, seed=3))
+    texts = tokenizer_texts(w)
+    a, b = train_bpe_tokenizer(texts), train_bpe_tokenizer(texts)
+    assert a.get_vocab() == b.get_vocab() and len(a) == 320
+    for t in texts[:50] + [" " + q.answer for q in w.heldout] + ["how many coins ? é"]:
+        ids = a(t, add_special_tokens=False)["input_ids"]
+        assert a.decode(ids) == t
+    words = train_tokenizer(texts)
+    q = w.heldout[0].question
+    assert len(a(q)["input_ids"]) > len(words(q)["input_ids"])  # names split into pieces
+    assert a(q)["input_ids"][0] == a.bos_token_id and a.chat_template == words.chat_template
