@@ -51,7 +51,7 @@ def run_world(models: dict, tok, pair, questions) -> dict:
     from proxytune_jax.decoding.cross_tokenizer import CrossTokenizerGenerator
     from proxytune_jax.decoding.pipeline import TextGenerator
     from proxytune_jax.eval import accuracy
-    from proxytune_jax.toyworld.evaluate import MAX_NEW_TOKENS, generate
+    from proxytune_jax.toyworld.evaluate import MAX_NEW_TOKENS, correct_flags, generate
 
     prompts, answers = [q.question for q in questions], [q.answer for q in questions]
     base, expert, anti = models["base-large"], models["tuned-small"], models["base-small"]
@@ -63,9 +63,11 @@ def run_world(models: dict, tok, pair, questions) -> dict:
     acc["tuned-small"] = generate([expert], tok, questions, chat=[True]).accuracy
     acc["tuned-small (BPE)"] = generate([bpe_expert], bpe_tok, questions, chat=[True]).accuracy
     t0 = time.perf_counter()
-    acc[SAME] = generate([base, expert, anti], tok, questions, chat=[False, True, False], rule="proxy_tuning",
-                         fusion_params={"alpha": ALPHA}).accuracy
+    same = TextGenerator([base, expert, anti], [tok] * 3, "proxy_tuning", chat_template=[False, True, False]
+                         ).generate(prompts, max_new_tokens=MAX_NEW_TOKENS, batch_size=len(prompts),
+                                    fusion_params={"alpha": ALPHA})
     seconds[SAME] = time.perf_counter() - t0
+    acc[SAME] = accuracy([o.completion for o in same], answers)
     v = min(len(tok), base.config.vocab_size)
     cross = CrossTokenizerGenerator(LocalTopKBase(base, tok, k=v), tok, bpe_expert, bpe_anti, bpe_tok,
                                     expert_chat_template=True)
@@ -78,9 +80,40 @@ def run_world(models: dict, tok, pair, questions) -> dict:
                           fusion_params={"alpha": 0.0})
     differ = sum(z.base_token_ids != b.token_ids for z, b in zip(zero, base_outs))
     return {"accuracy": acc, "alpha0_rows_differing_from_base_greedy": differ, "seconds": seconds, "n": len(questions),
+            "divergence": divergence([o.token_ids for o in same], [o.base_token_ids for o in outs],
+                                     correct_flags([o.completion for o in same], questions),
+                                     correct_flags([o.completion for o in outs], questions), tok, bpe_tok),
             "vocab": {"world": v, "bpe": len(bpe_tok)}, "bpe_pair_timings": pair.timings,
             "examples": [{"question": q.question, "cross": o.completion}
                          for q, o in list(zip(questions, outs))[:3]]}
+
+
+def divergence(same_ids, cross_ids, same_ok, cross_ok, tok, bpe_tok) -> dict:
+    """Where the cross-tokenizer decoding leaves the same-tokenizer one (both are base-tokenizer ids): on the
+    questions only same-tokenizer proxy-tuning answers right (``lost``) and only cross-tokenizer does (``won``),
+    the first token where the two differ, and how many BPE pieces the cross decoder's token there takes (the
+    pair scores it as that many small-model tokens); against the share of multi-piece tokens among all the
+    cross decoder chose."""
+    def pieces(i):  # the token's text (a word-level token "▁zi" adds " zi") in BPE tokens
+        if i in tok.all_special_ids:
+            return 0
+        text = tok.convert_ids_to_tokens(i).replace("\u2581", " ")
+        return len(bpe_tok(text, add_special_tokens=False)["input_ids"])
+
+    def first_split(rows):
+        multi = []
+        for r in rows:
+            a, b = same_ids[r], cross_ids[r]
+            j = next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+            if j < len(b):
+                multi.append(pieces(b[j]) >= 2)
+        return {"n": len(rows), "diverging": len(multi), "multi_piece": int(sum(multi))}
+
+    lost = [r for r in range(len(same_ids)) if same_ok[r] and not cross_ok[r]]
+    won = [r for r in range(len(same_ids)) if cross_ok[r] and not same_ok[r]]
+    chosen = [pieces(i) >= 2 for ids in cross_ids for i in ids if i not in tok.all_special_ids]
+    return {"lost": first_split(lost), "won": first_split(won),
+            "multi_piece_share_of_all_chosen": float(sum(chosen) / max(len(chosen), 1))}
 
 
 def table(per_seed: dict) -> tuple[str, dict]:
@@ -130,6 +163,15 @@ def main(argv=None) -> dict:
             f"(V = {first['vocab']['world']}), the cross-tokenizer pair on a byte-level BPE "
             f"(V = {first['vocab']['bpe']}); α = 0 rows differing from base-large's greedy decoding per world: "
             + ", ".join(str(per_seed[s]["alpha0_rows_differing_from_base_greedy"]) for s in seeds)
+            + "; questions only same-tokenizer proxy-tuning answers right (first divergence at a token the BPE "
+            "splits into ≥ 2 pieces) per world: "
+            + ", ".join(f"{per_seed[s]['divergence']['lost']['n']} ({per_seed[s]['divergence']['lost']['multi_piece']})"
+                        for s in seeds)
+            + "; only cross-tokenizer: "
+            + ", ".join(f"{per_seed[s]['divergence']['won']['n']} ({per_seed[s]['divergence']['won']['multi_piece']})"
+                        for s in seeds)
+            + "; share of multi-piece tokens among all the cross decoder chose: "
+            + ", ".join(f"{per_seed[s]['divergence']['multi_piece_share_of_all_chosen']:.3f}" for s in seeds)
             + "; decoding seconds (same / cross) per world: "
             + ", ".join(f"{per_seed[s]['seconds'][SAME]:.1f} / {per_seed[s]['seconds'][CROSS]:.1f}" for s in seeds))
     print("\n" + text + "\n\n" + note)
