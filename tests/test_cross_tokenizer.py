@@ -311,3 +311,18 @@ def test_toyworld_second_tokenizer_is_a_deterministic_round_tripping_bpe():
     q = w.heldout[0].question
     assert len(a(q)["input_ids"]) > len(words(q)["input_ids"])  # names split into pieces
     assert a(q)["input_ids"][0] == a.bos_token_id and a.chat_template == words.chat_template
+
+
+def test_alpha_gate_in_a_batch(world):
+    """The gate reads the pair's distributions over each row's candidates: a gate that never opens is α = 0
+    (the base's greedy decoding), one that always opens is constant α."""
+    from proxytune_jax.decoding.alpha_control import control_params
+    t1, t2, base, e, a = world
+    gen = CrossTokenizerGenerator(LocalTopKBase(base, t1, k=8), t1, e, a, t2)
+    kw = dict(max_new_tokens=N_NEW, batch_size=3)
+    ids = lambda outs: [o.base_token_ids for o in outs]  # noqa: E731
+    shut = gen.generate(MORE_PROMPTS[:3], fusion_params={"alpha": 1.0, **control_params(gate="entropy:1e9")}, **kw)
+    assert ids(shut) == ids(gen.generate(MORE_PROMPTS[:3], fusion_params={"alpha": 0.0}, **kw))
+    open_ = gen.generate(MORE_PROMPTS[:3], fusion_params={"alpha": 1.0, **control_params(gate="disagreement:0")},
+                         **kw)
+    assert ids(open_) == ids(gen.generate(MORE_PROMPTS[:3], fusion_params={"alpha": 1.0}, **kw)) != ids(shut)
