@@ -297,16 +297,13 @@ class CrossTokenizerGenerator:
         lp_a = np.zeros(ids.shape)
         if scored.any():
             # one encoding per distinct text (expert and anti-expert share the tokenizer), round-trip checked
-            wanted, wheres = {}, {}
+            wheres: dict[str, str] = {}  # each distinct text -> where it first occurs (insertion-ordered)
             for r, text, cs in zip(rows, texts, conts):
-                where = f"prompt {r.prompt[:40]!r}, generated token {t}"
                 for x in [text] + [text + c for c in cs if c]:
-                    wanted.setdefault(x, len(wanted))
-                    wheres.setdefault(x, where)
-            order = list(wanted)
-            enc = dict(zip(order, encode_texts(self.small_tok, order, [wheres[x] for x in order])))
-            for scorer, out in ((self.expert, lp_e), (self.anti, lp_a)):
-                reqs = [(r.expert_ids if scorer is self.expert else r.anti_ids, enc[text],
+                    wheres.setdefault(x, f"prompt {r.prompt[:40]!r}, generated token {t}")
+            enc = dict(zip(wheres, encode_texts(self.small_tok, list(wheres), list(wheres.values()))))
+            for scorer, prompt_of, out in ((self.expert, "expert_ids", lp_e), (self.anti, "anti_ids", lp_a)):
+                reqs = [(getattr(r, prompt_of), enc[text],
                          [None if c is None else enc[text + c] for c in cs if c is None or c])
                         for r, text, cs in zip(rows, texts, conts)]
                 for q, got in enumerate(scorer.continuation_logprobs_batch(reqs)):
