@@ -22,9 +22,10 @@ was chosen after seeing a number (the BPE's size was fixed before the pair was f
                                                    [--out runs/toyworld_cross_tokenizer] [--smoke]
 
 Reproduces: no paper table (proxy-tuning, Liu et al. 2024, assumes one shared vocabulary); the setting is issue
-#18's small pair from another model family. Hardware: a 2-core CPU; about a minute to train each world's BPE pair
-on first use, then ~1-2 minutes per world (the cross-tokenizer decoder scores every candidate of every step
-through the small models, twice: α = 1 and the α = 0 check). Mesh: one device.
+#18's small pair from another model family. Hardware: a 2-core CPU; 1-2 minutes to train each world's BPE pair on
+first use, then ~5-8 minutes per world on a shared machine (the cross-tokenizer decoder re-reads every candidate's
+stream in both small models at every step, 1.5-3 minutes per decode of 200 questions, twice: α = 1 and the α = 0
+check). Mesh: one device.
 """
 from __future__ import annotations
 
