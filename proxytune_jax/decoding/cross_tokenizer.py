@@ -36,6 +36,11 @@ Batching: the prompts of a batch decode together, rows finishing independently (
 stop string); per step the base is asked once for the live rows and every live row's candidates are scored in
 one chunked, jitted forward per small model. The loop over steps runs on the host (the base is outside jit; the
 declared exception to "no Python loops over tokens", as in ``decoding.blackbox``).
+
+Measured in the toy world (``experiments/toyworld_cross_tokenizer.py``, README *A base out of reach*; world
+seeds 0-2, α = 1): base-large on the word-level tokenizer with a small pair on a byte-level BPE reaches 0.668 ±
+0.075 accuracy against 0.773 ± 0.063 with the same-tokenizer pair (base-large alone 0.095 ± 0.036); most lost
+answers part ways at a candidate the small tokenizer splits into several pieces, whose summed log-ratio is large.
 """
 from __future__ import annotations
 
