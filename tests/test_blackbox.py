@@ -105,6 +105,7 @@ class _Server:
     def __init__(self, model, tok, *, fail_first=0, short=False):
         self.local = LocalTopKBase(model, tok, k=len(tok), from_text=True)
         self.tok, self.fail_first, self.short, self.hits = tok, fail_first, short, 0
+        self.auth: list = []  # the Authorization header of every request
         srv = self
 
         class H(http.server.BaseHTTPRequestHandler):
@@ -113,6 +114,7 @@ class _Server:
 
             def do_POST(self):
                 srv.hits += 1
+                srv.auth.append(self.headers.get("Authorization"))
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 if srv.hits <= srv.fail_first:
                     self.send_response(503)
@@ -272,3 +274,31 @@ def test_blackbox_bad_input(case, tiny_checkpoint, tmp_path, capsys):
         "bad topk": (base + ["--base-api", dead, "--base-model", "m", "--base-topk", 50], r"\[1, 20\]"),
     }[case]
     _expect_refused(argv, message, capsys, tmp_path)
+
+
+def test_generate_cli_api_key_from_env(trio, tiny_checkpoint, server, tmp_path, capsys, monkeypatch):
+    """``--base-api-key-env VAR`` sends the key in VAR as a bearer token; the key appears in no output, message or
+    recorded file; an unset variable is refused naming the variable, before any request."""
+    from proxytune_jax import cli
+    secret = "sk-test-5ecret-value"
+    monkeypatch.setenv("PT_TEST_KEY", secret)
+    monkeypatch.delenv("PT_UNSET_KEY", raising=False)
+    pair = ["--expert", tiny_checkpoint("llama", seed=41), "--anti-expert", tiny_checkpoint("llama", seed=42)]
+    srv = server()
+    out, rec = tmp_path / "api.jsonl", tmp_path / "rec.jsonl"
+    common = [*pair, "--prompt", PROMPTS[0], "--max-new-tokens", 3, "--base-topk", 5, "--base-api", srv.url,
+              "--base-model", "tiny"]
+    assert cli.main(["generate", *map(str, common + ["--base-record", rec, "--output", out,
+                                                     "--base-api-key-env", "PT_TEST_KEY"])]) == 0
+    assert srv.auth and set(srv.auth) == {f"Bearer {secret}"}
+    printed = capsys.readouterr()
+    assert secret not in printed.out + printed.err
+    assert secret not in out.read_text() + rec.read_text()
+    hits = srv.hits
+    code = cli.main(["generate", *map(str, common + ["--output", tmp_path / "x.jsonl", "--base-api-key-env",
+                                                     "PT_UNSET_KEY"])])
+    err = capsys.readouterr().err
+    assert code != 0 and "--base-api-key-env PT_UNSET_KEY: the environment variable PT_UNSET_KEY is not set" in err
+    assert srv.hits == hits and not (tmp_path / "x.jsonl").exists()
+    assert cli.main(["generate", *map(str, common + ["--output", tmp_path / "y.jsonl"])]) == 0
+    assert srv.auth[-1] is None  # no flag, no header

@@ -54,7 +54,8 @@ def test_every_script_is_covered():
     covered = {"proxy_tune_llama2", "summarization_fusion", "code_adaptation", "task_tuning",
                "distill_sinkd_glue", "distill_losses", "distill_first", "distill_bayesian", "toyworld_seeds",
                "sinkhorn_gradients", "toyworld_gkd", "toyworld_proxy_distill", "toyworld_lora_expert",
-               "toyworld_alpha_schedules", "toyworld_blackbox", "toyworld_speculative"}
+               "toyworld_alpha_schedules", "toyworld_blackbox", "toyworld_speculative",
+               "toyworld_cross_tokenizer"}
     assert set(SCRIPTS) <= covered, f"add a smoke test for {sorted(set(SCRIPTS) - covered)}"
     for name in SCRIPTS:
         doc = (REPO / "experiments" / f"{name}.py").read_text()
@@ -277,3 +278,15 @@ def test_decode_benchmark_speculative_rows_tiny():
     (r,) = rows
     assert r["batch"] == 2 and r["k"] == 2 and 1.0 <= r["tokens_per_round"] <= 3.0 and 0 <= r["acceptance"] <= 1
     assert r["tps"] > 0 and r["ref_tps"] > 0 and r["round_steps"] > 0
+
+
+def test_toyworld_cross_tokenizer(tmp_path, quick_world_cache):
+    r = run_smoke("toyworld_cross_tokenizer", tmp_path, "--cache-dir", str(quick_world_cache))
+    (row,) = r["per_seed"].values()
+    acc = row["accuracy"]
+    assert {"base-large", "proxy-tuned, same tokenizer", "proxy-tuned, cross-tokenizer"} <= set(acc)
+    assert all(in_unit(x) for x in acc.values())
+    assert row["alpha0_rows_differing_from_base_greedy"] == 0  # α = 0: the base's own greedy decoding
+    for name, s in r["summary"].items():
+        assert s["diff_vs_same"] == [pytest.approx(acc[name] - acc["proxy-tuned, same tokenizer"])]
+    assert (tmp_path / "results" / "toyworld_cross_tokenizer.md").read_text().startswith("| setting")

@@ -7,7 +7,10 @@
         [--adapter-mode auto|unmerged|merged] [--alpha-schedule SPEC] [--alpha-gate SPEC] [--placement SPEC]
         [--speculative K [--drafter DIR] [--adaptive-speculative]]
     proxytune generate (--base-api URL --base-model NAME [--base-record FILE] | --base-replay FILE)
-        [--base-topk 20] [--base-tail uniform|drop] [--base-tokenizer DIR] --expert DIR --anti-expert DIR ...
+        [--base-api-key-env VAR] [--base-topk 20] [--base-tail uniform|drop] [--base-tokenizer DIR]
+        --expert DIR --anti-expert DIR ...
+    proxytune generate --cross-tokenizer (--target DIR | --base-api ... --base-tokenizer DIR) --expert DIR
+        --anti-expert DIR [--temperature T --top-k K --top-p P --seed S] [--batch-size 8] [--stop STR ...] ...
 
 Each DIR is a local folder or a Hugging Face Hub id (``org/name``) resolved through the HF cache (a local folder
 wins; ``HF_HUB_OFFLINE=1`` reads the cache only). With only ``--target`` it is plain decoding of that model.
@@ -50,7 +53,13 @@ acceptance rate is printed. ``--adaptive-speculative`` adapts K per row.
 A black-box base (:mod:`proxytune_jax.decoding.blackbox`): ``--base-api URL --base-model NAME`` asks an
 OpenAI-compatible completions server for the base's top-k log-probs at every step (``--base-topk``, ≤ 20), the
 small pair runs locally; ``--base-record FILE`` keeps every answer and ``--base-replay FILE`` replays them without
-a server. ``--base-tail`` says how the tokens outside the top k are treated.
+a server. ``--base-tail`` says how the tokens outside the top k are treated. ``--base-api-key-env VAR`` sends
+the key held in the environment variable ``VAR`` as ``Authorization: Bearer`` (the key itself is never a flag,
+never printed and never written to a file).
+
+``--cross-tokenizer`` (:mod:`proxytune_jax.decoding.cross_tokenizer`): the base and the small pair use different
+tokenizers, aligned through text; batched (``--batch-size``), greedy or sampled over the fused scores of the
+base's candidates (``--temperature`` / ``--top-k`` / ``--top-p`` / ``--seed``), with ``--stop`` strings.
 """
 from __future__ import annotations
 
@@ -165,7 +174,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cross-tokenizer", dest="cross_tokenizer", action="store_true",
                         help="the base (--target, or --base-api/--base-replay with --base-tokenizer) and the "
                              "expert/anti-expert pair use different tokenizers: align them through text "
-                             "(decoding.cross_tokenizer; greedy)")
+                             "(decoding.cross_tokenizer; batched, greedy or sampled)")
     bb.add_argument("--base-tail", dest="base_tail", choices=("uniform", "drop"), default=None,
                     help="the tokens outside the base's top k: their mass spread uniformly (uniform) or the support "
                          "restricted to the top k (drop); default: decoding.blackbox.DEFAULT_TAIL")
@@ -173,6 +182,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                     help="the served model's tokenizer (folder or Hub id; default: the expert's, which must match)")
     bb.add_argument("--base-retries", dest="base_retries", type=int, default=3,
                     help="retries of a failed request, with exponential backoff (default 3)")
+    bb.add_argument("--base-api-key-env", dest="base_api_key_env", default=None, metavar="VAR",
+                    help="with --base-api: send the API key held in the environment variable VAR (e.g. "
+                         "OPENAI_API_KEY) as 'Authorization: Bearer'; the key is never printed or stored")
 
 
 def check_numbers(args) -> None:
@@ -406,7 +418,7 @@ def run(args) -> int:
         return run_cross_tokenizer(args, prompts, out_path)
     if getattr(args, "base_api", None) or getattr(args, "base_replay", None):
         return run_blackbox(args, prompts, out_path)
-    for flag in ("base_model", "base_record", "base_tail", "base_tokenizer", "base_topk"):
+    for flag in ("base_model", "base_record", "base_tail", "base_tokenizer", "base_topk", "base_api_key_env"):
         if getattr(args, flag, None) is not None:
             raise UserError(f"--{flag.replace('_', '-')} goes with a black-box base: add --base-api URL or "
                             "--base-replay FILE")
@@ -503,8 +515,7 @@ def run_blackbox(args, prompts, out_path: Path) -> int:
         raise UserError("--analysis and --topk-cache need the base's full logits; drop them with a black-box base")
     if args.base_api and not args.base_model:
         raise UserError("--base-api needs --base-model NAME (the model the server serves)")
-    if args.base_record is not None and not args.base_api:
-        raise UserError("--base-record records a live API: add --base-api URL")
+    check_api_flags(args)
     args.base_topk = 20 if args.base_topk is None else args.base_topk
     if args.base_topk < 1:
         raise UserError(f"--base-topk must be >= 1, got {args.base_topk}")
@@ -541,12 +552,36 @@ def run_blackbox(args, prompts, out_path: Path) -> int:
     return 0
 
 
+def check_api_flags(args) -> None:
+    """The flags that only a live API takes."""
+    if args.base_record is not None and not args.base_api:
+        raise UserError("--base-record records a live API: add --base-api URL")
+    if args.base_api_key_env is not None and not args.base_api:
+        raise UserError("--base-api-key-env is the key of a live API: add --base-api URL")
+    api_key(args)
+
+
+def api_key(args) -> str | None:
+    """The key held in the environment variable named by ``--base-api-key-env`` (never printed: messages name
+    the variable only)."""
+    import os
+    var = getattr(args, "base_api_key_env", None)
+    if var is None:
+        return None
+    key = os.environ.get(var, "")
+    if not key.strip():
+        raise UserError(f"--base-api-key-env {var}: the environment variable {var} is not set or empty; export "
+                        "the key in it (e.g. `read -s VAR && export VAR`), or drop the flag for a server without "
+                        "keys")
+    return key.strip()
+
+
 def blackbox_base(args, tok):
     """The base of --base-api (recorded with --base-record) or --base-replay, its strings mapped by ``tok``."""
     from proxytune_jax.decoding import blackbox
     if args.base_api:
         base = blackbox.OpenAICompletionsBase(args.base_api, args.base_model, tok, args.base_topk,
-                                              retries=args.base_retries)
+                                              retries=args.base_retries, api_key=api_key(args))
         if args.base_record is not None:
             if not args.base_record.parent.exists():
                 raise UserError(f"--base-record {args.base_record}: folder {args.base_record.parent} does not exist")
@@ -571,13 +606,12 @@ def run_cross_tokenizer(args, prompts, out_path: Path) -> int:
     if (args.rule or "proxy_tuning") != "proxy_tuning" or args.param:
         raise UserError("--cross-tokenizer supports --rule proxy_tuning with --alpha (and --alpha-schedule / "
                         "--alpha-gate); drop --rule/--param")
-    if args.temperature != 0 or args.top_k or args.top_p != 1.0 or args.stop or args.analysis or args.topk_cache:
-        raise UserError("--cross-tokenizer decodes greedily; drop --temperature/--top-k/--top-p/--stop/--analysis/"
-                        "--topk-cache")
+    if args.analysis or args.topk_cache:
+        raise UserError("--analysis and --topk-cache need one vocabulary for all models; drop them with "
+                        "--cross-tokenizer")
     if args.base_api and not args.base_model:
         raise UserError("--base-api needs --base-model NAME (the model the server serves)")
-    if args.base_record is not None and not args.base_api:
-        raise UserError("--base-record records a live API: add --base-api URL")
+    check_api_flags(args)
     if args.base_topk is not None and args.base_topk < 1:
         raise UserError(f"--base-topk must be >= 1, got {args.base_topk}")
     if args.base_tail is not None:
@@ -604,8 +638,12 @@ def run_cross_tokenizer(args, prompts, out_path: Path) -> int:
     from proxytune_jax.decoding.cross_tokenizer import CrossTokenizerGenerator
     gen = CrossTokenizerGenerator(base, base_tok, models[-2], models[-1], tokenizers[-1],
                                   expert_chat_template=bool(args.expert_chat_template))
+    from tqdm import tqdm
     try:
-        results = gen.generate(prompts, max_new_tokens=args.max_new_tokens, fusion_params=fusion_params)
+        with tqdm(total=math.ceil(len(prompts) / args.batch_size), desc="generate", unit="batch") as bar:
+            results = gen.generate(prompts, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                                   fusion_params=fusion_params, temperature=args.temperature, top_k=args.top_k,
+                                   top_p=args.top_p, seed=args.seed, stop_strings=args.stop, progress=bar.update)
     finally:
         from proxytune_jax.decoding.blackbox import RecordingTopKBase
         if isinstance(base, RecordingTopKBase):

@@ -95,20 +95,29 @@ class LocalTopKBase:
             raise UserError(f"k must lie in [1, {self.vocab_size}], got {k}")
 
     def logits(self, texts, ids) -> np.ndarray:
+        """``[B, V]`` next-token logits of each prefix."""
+        out, n = self._padded_logits(texts, ids)
+        return np.asarray(out)[:n]
+
+    def _padded_logits(self, texts, ids):
+        """(``[R, V]`` logits on the device, rows padded to a power of two R ≥ B, B)."""
         seqs = [encode_prompt(self.tokenizer, t) for t in texts] if self.from_text else [list(s) for s in ids]
         width = bucket_length(max(len(s) for s in seqs), cap=self.context)
         if width > self.context:
             raise UserError(f"a prefix of {width} tokens exceeds the base's context of {self.context}; lower "
                             "--max-new-tokens or shorten the prompt")
-        batch = np.zeros((len(seqs), width), np.int32)
+        rows = bucket_length(len(seqs), min_bucket=1)  # rows padded to a power of two: few compiles as rows finish
+        batch = np.zeros((rows, width), np.int32)
         for b, s in enumerate(seqs):
             batch[b, :len(s)] = s
-        last = np.asarray([len(s) - 1 for s in seqs], np.int32)
-        return np.asarray(_last_logits_fn(self.graphdef)(self.params, jnp.asarray(batch), jnp.asarray(last)))
+        last = np.zeros((rows,), np.int32)
+        last[:len(seqs)] = [len(s) - 1 for s in seqs]
+        return _last_logits_fn(self.graphdef)(self.params, jnp.asarray(batch), jnp.asarray(last)), len(seqs)
 
     def topk(self, texts, ids) -> TopK:
-        top = TopK.from_logits(self.logits(texts, ids)[:, :self.vocab_size], self.k)
-        return TopK(np.asarray(top.ids), np.asarray(top.logp))
+        logits, n = self._padded_logits(texts, ids)
+        top = TopK.from_logits(logits[:, :self.vocab_size], self.k)  # on the padded rows: one compile per bucket
+        return TopK(np.asarray(top.ids)[:n], np.asarray(top.logp)[:n])
 
 
 # ---------------------------------------------------------------------------------------------- parsing

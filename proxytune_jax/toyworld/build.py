@@ -130,12 +130,13 @@ def tokenizer_texts(world: World) -> list[str]:
     return list(world.corpus) + [f"{q.question} {q.answer}" for q in world.tune + world.heldout]
 
 
-def instruction_data(config: ToyWorldConfig, world: World, tok, corpus: dict | None = None) -> dict:
+def instruction_data(config: ToyWorldConfig, world: World, tok, corpus: dict | None = None, *,
+                     response_prefix: str = "") -> dict:
     """The instruction-tuning arrays of both tuned models: the tuning examples plus ``replay_ratio`` × as many
     raw documents (drawn with ``config.seed``). Also what a LoRA expert is tuned on
-    (``experiments/toyworld_lora_expert.py``)."""
+    (``experiments/toyworld_lora_expert.py``). ``response_prefix``: see ``data.encode_instructions``."""
     corpus = encode_corpus(tok, world.corpus) if corpus is None else corpus
-    sft = encode_instructions(tok, world.tune)
+    sft = encode_instructions(tok, world.tune, response_prefix=response_prefix)
     n_replay = int(round(config.replay_ratio * len(world.tune)))
     if n_replay:
         pick = np.random.default_rng(config.seed).choice(len(world.corpus), size=n_replay, replace=False)
@@ -146,9 +147,6 @@ def instruction_data(config: ToyWorldConfig, world: World, tok, corpus: dict | N
 def build_toyworld(config: ToyWorldConfig = ToyWorldConfig(), cache_dir: str | os.PathLike | None = None, *,
                    progress: bool = True, log=print) -> ToyWorld:
     """Train (first run) or load (later runs) the toy world for ``config``."""
-    from proxytune_jax import save_pretrained
-    from proxytune_jax.models import init_model
-    from proxytune_jax.training.objectives import SFT
     from transformers import AutoTokenizer
 
     world = build_world(config.world)
@@ -173,24 +171,8 @@ def build_toyworld(config: ToyWorldConfig = ToyWorldConfig(), cache_dir: str | o
         raise UserError("toy world sequences exceed max_length; raise ToyWorldConfig.max_length")
     timings["data_s"] = time.perf_counter() - t0
 
-    for size_name, size in (("small", config.small), ("large", config.large)):
-        t = time.perf_counter()
-        model = init_model(llama_config(size, tok, config.max_length, config.rope_theta), seed=config.seed)
-        smoothing = config.label_smoothing_small if size_name == "small" else config.label_smoothing_large
-        objective = SFT(label_smoothing=smoothing)
-        pre = dataclasses.replace(config.pretrain, seed=config.seed)
-        base = train_models(model, corpus, objective, pre, desc=f"pretrain base-{size_name}",
-                            progress=progress).model
-        save_pretrained(base, root / f"base-{size_name}")
-        timings[f"pretrain_{size_name}_s"] = time.perf_counter() - t
-        t = time.perf_counter()
-        lr_scale = config.small_tune_lr_scale if size_name == "small" else 1.0
-        tune = dataclasses.replace(config.tune, seed=config.seed + 1,
-                                   learning_rate=config.tune.learning_rate * lr_scale)
-        tuned = train_models(base, sft, objective, tune, desc=f"instruction-tune {size_name}",
-                             progress=progress).model
-        save_pretrained(tuned, root / f"tuned-{size_name}")
-        timings[f"tune_{size_name}_s"] = time.perf_counter() - t
+    for size_name in ("small", "large"):
+        timings.update(train_pair(config, size_name, tok, corpus, sft, root, progress=progress))
     for name in MODEL_NAMES:
         write_text_atomic(root / name / "README.md",
             f"# toy world {name}\n\nBuilt by proxytune_jax.toyworld.build_toyworld; config digest "
@@ -199,3 +181,32 @@ def build_toyworld(config: ToyWorldConfig = ToyWorldConfig(), cache_dir: str | o
     write_json_atomic(manifest, {"config": config.to_dict(), "timings": timings})  # last: marks the build done
     tok = AutoTokenizer.from_pretrained(root / "tokenizer")
     return ToyWorld(config, world, tok, root, {"cached": False, **timings})
+
+
+def train_pair(config: ToyWorldConfig, size_name: str, tok, corpus: dict, sft: dict, root: Path, *,
+               progress: bool = True) -> dict:
+    """The toy world's recipe for one size: ``base-{size}`` pretrained on ``corpus`` from a fresh
+    initialization, ``tuned-{size}`` instruction-tuned from it on ``sft`` (the ``SFT`` objective with the size's
+    label smoothing; tuning at ``small_tune_lr_scale`` × the rate for the small size), both saved under
+    ``root``. Returns the timings."""
+    from proxytune_jax import save_pretrained
+    from proxytune_jax.models import init_model
+    from proxytune_jax.training.objectives import SFT
+
+    size = config.small if size_name == "small" else config.large
+    timings = {}
+    t = time.perf_counter()
+    model = init_model(llama_config(size, tok, config.max_length, config.rope_theta), seed=config.seed)
+    smoothing = config.label_smoothing_small if size_name == "small" else config.label_smoothing_large
+    objective = SFT(label_smoothing=smoothing)
+    pre = dataclasses.replace(config.pretrain, seed=config.seed)
+    base = train_models(model, corpus, objective, pre, desc=f"pretrain base-{size_name}", progress=progress).model
+    save_pretrained(base, root / f"base-{size_name}")
+    timings[f"pretrain_{size_name}_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    lr_scale = config.small_tune_lr_scale if size_name == "small" else 1.0
+    tune = dataclasses.replace(config.tune, seed=config.seed + 1, learning_rate=config.tune.learning_rate * lr_scale)
+    tuned = train_models(base, sft, objective, tune, desc=f"instruction-tune {size_name}", progress=progress).model
+    save_pretrained(tuned, root / f"tuned-{size_name}")
+    timings[f"tune_{size_name}_s"] = time.perf_counter() - t
+    return timings

@@ -48,14 +48,16 @@ def plain_prompt_ids(tokenizer, question: Question) -> list[int]:
 
 
 def encode_instructions(tokenizer, questions: Sequence[Question], *, responses: Sequence[str] | None = None,
-                        width: int | None = None) -> dict[str, np.ndarray]:
+                        width: int | None = None, response_prefix: str = "") -> dict[str, np.ndarray]:
     """Chat prompt + response + ``<eos>``; only response tokens (and ``<eos>``) are trained. ``responses``
-    replaces the gold answers (e.g. teacher-generated text)."""
+    replaces the gold answers (e.g. teacher-generated text). ``response_prefix`` is put before each response's
+    text (``" "`` for a byte-level BPE, whose words carry their leading space, so the response is encoded as the
+    text that follows the prompt)."""
     rows, starts = [], []
     for i, q in enumerate(questions):
         prompt = chat_prompt_ids(tokenizer, q)
         answer = q.answer if responses is None else responses[i]
-        resp = tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        resp = tokenizer(response_prefix + answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         rows.append(prompt + resp)
         starts.append(len(prompt))
     return _left_pad(rows, starts, tokenizer.pad_token_id, width)
