@@ -209,6 +209,24 @@ def toyworld_default(tmp_path_factory):
         return build_toyworld(configs(False, 0).toyworld, root / "cache", progress=False, log=lambda *_: None)
 
 
+def persistent_compilation_cache(path):
+    """JAX's persistent compilation cache in ``path`` while the generator is suspended (a fixture body: ``yield
+    from``), and off again afterwards. JAX initializes its cache once per process and ignores later changes of
+    ``jax_compilation_cache_dir``, so the cache is reset on both sides: otherwise every later module of the
+    xdist worker would keep serializing its executables into this directory."""
+    import jax
+    from jax._src import compilation_cache
+
+    old = jax.config.jax_compilation_cache_dir
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    compilation_cache.reset_cache()
+    try:
+        yield str(path)
+    finally:
+        jax.config.update("jax_compilation_cache_dir", old)
+        compilation_cache.reset_cache()
+
+
 def _optimizations_off():
     import jax
 

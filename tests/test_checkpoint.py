@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from conftest import plus_rows, write_jsonl
+from conftest import persistent_compilation_cache, plus_rows, write_jsonl
 from proxytune_jax.checkpoint import QUARANTINE, Checkpointer, abstract_tree, is_complete
 from proxytune_jax.errors import UserError
 from proxytune_jax.sharding import MeshConfig, make_mesh, replicated
@@ -29,10 +29,7 @@ def compilation_cache(tmp_path_factory):
     """Runs of one config (reference, killed children, resumes) share compiled steps through JAX's
     persistent cache; loading an executable gives the same code as compiling it."""
     path = str(tmp_path_factory.getbasetemp() / "jax_cache")
-    old = jax.config.jax_compilation_cache_dir
-    jax.config.update("jax_compilation_cache_dir", path)
-    yield path
-    jax.config.update("jax_compilation_cache_dir", old)
+    yield from persistent_compilation_cache(path)
 
 
 def _tree(seed: int):

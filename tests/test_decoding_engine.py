@@ -238,6 +238,10 @@ assert len(leaf.sharding.device_set) == 8, leaf.sharding
 sharded = sharded_dec.generate(batch, max_new_tokens=8, stop=stop, analysis=True)
 assert np.array_equal(single.tokens, sharded.tokens), (single.tokens, sharded.tokens)
 assert np.array_equal(single.analysis["top1"], sharded.analysis["top1"])
+# speculative decoding on the mesh (per-row cache cursors, the expert drafting): the same greedy tokens
+spec = sharded_dec.generate(batch, max_new_tokens=8, stop=stop, speculative=2)
+assert np.array_equal(single.tokens, spec.tokens), (single.tokens, spec.tokens)
+assert spec.speculative.rounds.max() >= 1
 print(json.dumps({"ok": True, "tokens": single.tokens.tolist()}))
 '''
 

@@ -17,6 +17,7 @@ import pytest
 from proxytune_jax import cli
 from proxytune_jax.errors import UserError
 from proxytune_jax.training.config import load_config
+from conftest import persistent_compilation_cache
 
 REPO = Path(__file__).resolve().parents[1]
 SFT_CONFIG = REPO / "experiments" / "configs" / "sft_tiny.py"
@@ -25,10 +26,7 @@ STEPS, EVERY = 24, 12
 
 @pytest.fixture(scope="module", autouse=True)
 def _compilation_cache(tmp_path_factory):
-    old = jax.config.jax_compilation_cache_dir
-    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.getbasetemp() / "jax_cache"))
-    yield
-    jax.config.update("jax_compilation_cache_dir", old)
+    yield from persistent_compilation_cache(str(tmp_path_factory.getbasetemp() / "jax_cache"))
 
 
 def _rows(pairs):

@@ -15,6 +15,7 @@ from filelock import FileLock
 from proxytune_jax import cli
 from proxytune_jax.errors import UserError
 from proxytune_jax.training.config import TrainConfig, apply_overrides, load_config
+from conftest import persistent_compilation_cache
 
 REPO = Path(__file__).resolve().parents[1]
 DISTILL_CONFIG = REPO / "experiments" / "configs" / "distill_tiny.py"
@@ -23,10 +24,7 @@ DISTILL_CONFIG = REPO / "experiments" / "configs" / "distill_tiny.py"
 @pytest.fixture(scope="module", autouse=True)
 def _compilation_cache(tmp_path_factory):
     """Share compiled steps between the runs of this module (and its subprocesses)."""
-    old = jax.config.jax_compilation_cache_dir
-    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.getbasetemp() / "jax_cache"))
-    yield
-    jax.config.update("jax_compilation_cache_dir", old)
+    yield from persistent_compilation_cache(str(tmp_path_factory.getbasetemp() / "jax_cache"))
 
 
 def _rows(pairs):
