@@ -247,3 +247,19 @@ def fast_compiles():
 def fast_compiles_one_test():
     """``fast_compiles`` for one test of a module whose other tests keep XLA's optimizations."""
     yield from _optimizations_off()
+
+
+def mismatched_tokenizer_dir(src, tmp_path):
+    """A copy of the model folder ``src`` whose tokenizer swaps ids 120 and 121 (a genuinely different tokenizer
+    with the same vocabulary size)."""
+    import json
+    import shutil
+
+    dst = tmp_path / "other_tok"
+    shutil.copytree(src, dst)
+    state = json.loads((dst / "tokenizer.json").read_text())
+    vocab = state["model"]["vocab"]
+    inv = {i: t for t, i in vocab.items()}
+    vocab[inv[120]], vocab[inv[121]] = 121, 120
+    (dst / "tokenizer.json").write_text(json.dumps(state))
+    return dst

@@ -3,7 +3,6 @@ to the engine run directly, and clear errors with no output file for every user 
 from __future__ import annotations
 
 import json
-import shutil
 
 import numpy as np
 import pytest
@@ -13,6 +12,7 @@ from proxytune_jax.decoding.engine import Decoder
 from proxytune_jax.decoding.prompts import encode_prompt, left_pad
 from proxytune_jax.decoding.stopping import make_stop_criteria
 from proxytune_jax.models.hf_io import load_pretrained
+from conftest import mismatched_tokenizer_dir
 
 PROMPTS = ["the quick brown fox", "proxy tuning steers", "hello"]
 
@@ -87,17 +87,6 @@ def test_plain_generate_with_stop_string(dirs, tmp_path, capsys):
     assert cut["token_ids"] == full["token_ids"][: len(cut["token_ids"])]
 
 
-def _mismatched_tokenizer_dir(src, tmp_path):
-    dst = tmp_path / "other_tok"
-    shutil.copytree(src, dst)
-    state = json.loads((dst / "tokenizer.json").read_text())
-    vocab = state["model"]["vocab"]
-    inv = {i: t for t, i in vocab.items()}
-    vocab[inv[120]], vocab[inv[121]] = 121, 120
-    (dst / "tokenizer.json").write_text(json.dumps(state))
-    return dst
-
-
 @pytest.mark.parametrize("case", ["missing_folder", "mismatched_tokenizers", "prompt_too_long", "alpha_nan",
                                   "alpha_inf", "top_p_zero", "top_p_above_one", "empty_prompts_file",
                                   "expert_without_anti"])
@@ -107,7 +96,7 @@ def test_user_errors_leave_no_output(case, dirs, prompts_file, tmp_path, capsys)
     common = ["--max-new-tokens", 4, "--output", out]
     argv, message = {
         "missing_folder": (["--target", tmp_path / "nope", "--prompts", prompts_file, *common], "no such folder"),
-        "mismatched_tokenizers": (["--target", dirs["target"], "--expert", _mismatched_tokenizer_dir(
+        "mismatched_tokenizers": (["--target", dirs["target"], "--expert", mismatched_tokenizer_dir(
             dirs["expert"], tmp_path), "--anti-expert", dirs["anti"], "--prompts", prompts_file, *common],
             "different tokenizers"),
         "prompt_too_long": ([*three, "--prompt", "the quick brown fox " * 6, *common], "exceeds its context"),

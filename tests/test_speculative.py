@@ -22,7 +22,7 @@ import scipy.stats
 import jax
 import jax.numpy as jnp
 
-from conftest import np_log_softmax, np_softmax
+from conftest import mismatched_tokenizer_dir, np_log_softmax, np_softmax
 from proxytune_jax.decoding.engine import Decoder
 from proxytune_jax.decoding.prompts import left_pad
 from proxytune_jax.decoding.sampling import SamplingParams
@@ -341,19 +341,6 @@ def dirs(tiny_checkpoint):
                 drafter=tiny_checkpoint("gpt2", seed=23))
 
 
-def _mismatched_tokenizer_dir(src, tmp_path):
-    """A copy of ``src`` whose tokenizer swaps two ids (a genuinely different tokenizer)."""
-    import shutil
-    dst = tmp_path / "other_tok"
-    shutil.copytree(src, dst)
-    state = json.loads((dst / "tokenizer.json").read_text())
-    vocab = state["model"]["vocab"]
-    inv = {i: t for t, i in vocab.items()}
-    vocab[inv[120]], vocab[inv[121]] = 121, 120
-    (dst / "tokenizer.json").write_text(json.dumps(state))
-    return dst
-
-
 def _run(argv, capsys):
     from proxytune_jax import cli
     code = cli.main(["generate", *map(str, argv)])
@@ -390,7 +377,7 @@ def test_cli_speculative_same_text_and_reports_acceptance(dirs, tmp_path, capsys
     (["--speculative", 2, "--rule", "small_large_kl"], "small_large_kl"),
 ])
 def test_cli_bad_input(dirs, tmp_path, capsys, extra, message):
-    sub = {"DRAFTER": dirs["drafter"], "OTHER_TOKENIZER": _mismatched_tokenizer_dir(dirs["drafter"], tmp_path)}
+    sub = {"DRAFTER": dirs["drafter"], "OTHER_TOKENIZER": mismatched_tokenizer_dir(dirs["drafter"], tmp_path)}
     extra = [sub.get(x, x) for x in extra]
     out = tmp_path / "o.jsonl"
     models = (["--target", dirs["target"], "--small", dirs["expert"]] if "small_large_kl" in extra else
