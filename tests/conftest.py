@@ -263,3 +263,18 @@ def mismatched_tokenizer_dir(src, tmp_path):
     vocab[inv[120]], vocab[inv[121]] = 121, 120
     (dst / "tokenizer.json").write_text(json.dumps(state))
     return dst
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _release_compiled_programs():
+    """Every module's compiled programs (and the constants they hold) are released when the module ends. An xdist
+    worker runs dozens of modules; without this its resident memory grew past 6 GB, and two full runs on the
+    2-core machine each lost a worker to a segmentation fault inside XLA late in the run (once in a persistent
+    cache write, since fixed, once in a CPU compile)."""
+    yield
+    import gc
+
+    import jax
+
+    jax.clear_caches()
+    gc.collect()
