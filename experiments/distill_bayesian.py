@@ -5,7 +5,7 @@ Reproduces: Chen et al. 2024, "Knowledge Distillation of Black-Box Large Languag
 v1): GPT-4 teacher → LLaMA-33B proxy → LLaMA-7B/13B student on BBH, ARC, AGIEval, MMLU,
 CSQA and GSM8K; this recipe runs the GSM8K column with open models (the teacher is used only through its
 generated text, as a closed API would be). The paper's numbers are not restated here.
-Loss (``docs/methods.md`` §2.12): ``mean_t [CE_t + α·KL(p̂_t ‖ q_t) + β·KL(E(P|M)_t ‖ q_t)]`` with the
+Loss: ``mean_t [CE_t + α·KL(p̂_t ‖ q_t) + β·KL(E(P|M)_t ‖ q_t)]`` with the
 n-gram prior p̂ of the corpus (window n, blend γ) and the posterior from K proxy samples over an m-point grid;
 objective ``proxytune_jax.training.Bayesian`` (the γ, n, m, K, α, β defaults are ours: the paper's values are
 unverified).

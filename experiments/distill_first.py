@@ -4,7 +4,7 @@ Reproduces: Shum et al. 2024, "FIRST: Teach A Reliable Large Language Model Thro
 Distillation" (arXiv 2408.12168): the student distilled from the teacher's top-5 (ids + log-probs from a
 full-vocabulary softmax, "knowledge concentration") with the teacher temperature chosen on held-out data
 ("reliability maximization") is better calibrated (lower ECE) than one trained at τ = 1, at a small fraction
-of the storage of full distributions (120 TB → 1.2 GB in the paper's setting; ``docs/methods.md`` §2.11). The paper's
+of the storage of full distributions (120 TB → 1.2 GB in the paper's setting). The paper's
 table reports accuracy and ECE on multiple-choice benchmarks (e.g. BoolQ, CSQA); its numbers are not restated
 here (for instance, on CSQA the paper's fine-tuned 7B has an ECE of 21.6% at 28.3% accuracy).
 Steps: (1) ``proxytune_jax.training.topk_cache.build_topk_cache`` runs the teacher once over the train and

@@ -3,7 +3,7 @@
 Reproduces: the loss comparison of MiniLLM (Gu et al. 2024, reverse KL) and DistiLLM (Ko et al. 2024, skew
 KL/RKL) in their instruction-following setting: GPT-2 XL teacher → GPT-2 student on databricks-dolly-15k,
 ROUGE-L of greedy responses on held-out Dolly prompts (the "Dolly" column of their main results tables; the
-numbers are not restated here). The other divergences of ``docs/methods.md`` §2 run in the same setting:
+numbers are not restated here). The library's other divergences (``proxytune_jax.losses``) run in the same setting:
 generalized JSD (GKD, Agarwal et al. 2024), adaptive KL (Wu et al. 2024), ULD (Boizard et al. 2024), JS, TVD.
 Here every loss is trained on the *teacher's distribution over the dataset's responses* (objective
 ``proxytune_jax.training.OnlineDistillation``: the teacher runs inside the step; the papers' on-policy /

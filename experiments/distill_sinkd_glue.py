@@ -5,7 +5,7 @@ Reproduces: Cui et al. 2024, "SinKD: Sinkhorn Distance Minimization for Knowledg
 term). The paper fine-tunes encoder classifiers; here both models are causal LMs that classify by
 **verbalizer** (``proxytune_jax.data.glue``: prompt ending in "Answer:", class logits = next-token logits at
 the label words' first tokens), so compare the *relative* effect of the Sinkhorn term, not absolute scores.
-Objective (paper; ``docs/methods.md`` §2.10): ``α·τ²·KL(p_τ‖q_τ) + (1−α)·CE + β·Sinkhorn`` with the
+Objective (paper): ``α·τ²·KL(p_τ‖q_τ) + (1−α)·CE + β·Sinkhorn`` with the
 Sinkhorn term ``proxytune_jax.losses.sinkd`` (batch-wise N×N L1 cost between the class distributions at
 τ = 2, ε = 0.1, 20 unrolled iterations, weight w = 0.001 as released) and β = 0.8. Unlike the released GLUE
 script, the Sinkhorn term is really added. Batch-wise: no gradient accumulation (it would change the loss).
