@@ -1,7 +1,7 @@
 """Proxy-tune Llama-2-13B with Llama-2-7B-chat (expert) and Llama-2-7B (anti-expert).
 
 Reproduces: Liu et al. 2024, "Tuning Language Models by Proxy" (arXiv 2401.08565), instruction-tuning
-results (AlpacaFarm, GSM, ToxiGen, TruthfulQA; ``docs/methods.md`` §1.10, Llama-2, α = 1, greedy):
+results (AlpacaFarm, GSM, ToxiGen, TruthfulQA; Llama-2, α = 1, greedy):
     13B base → proxy-tuned → 13B-chat:  AlpacaFarm win% 2.1 → 83.4 → 87.3;  GSM 6.6 → 26.4 → 32.4
     (70B: 3.7 → 88.0 → 90.4; 9.6 → 32.0 → 51.8 — set ``base``/``tuned`` to the 70B folders).
     Gap closed (mean over tasks of (proxy − base)/(tuned − base)): 91.1% (13B), 88.1% (70B).

@@ -1,6 +1,6 @@
 """Small-guided-by-large logit fusions on CNN/DailyMail: GPT-2 small (124M) guided by GPT-2 medium (355M).
 
-Reproduces: the fusion experiment of a tutorial blog post on proxy-tuning (``docs/methods.md`` §1.5):
+Reproduces: the fusion experiment of a tutorial blog post on proxy-tuning:
 ROUGE-1/2/L of GPT-2 small 32.5/14.2/29.8, GPT-2 medium 36.8/16.5/33.2, direct fusion (s_S + λ·s_L)
 34.1/15.3/31.2, temperature-scaled (s_S + λ·s_L/T) 35.2/15.9/32.1, low-confidence masking
 (s_S + λ·1[softmax(s_S) < θ]·s_L) 34.8/15.6/31.8. Those are a blog's numbers without a released setup; the
